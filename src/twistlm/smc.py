@@ -1,0 +1,233 @@
+"""Sequential Monte Carlo over tokens: SIS, SMC with the base proposal, twisted SMC (MATH.md throughout).
+
+One loop serves every sampler. At step t each unfinished particle k proposes s_t ~ q_t(· | s_<t) and multiplies its
+weight by
+
+    w_t = p0(s_t | s_<t) ψ̃_t(s_1:t) / ( ψ_t−1(s_1:t−1) q_t(s_t | s_<t) ),   ψ̃_t = φ if s_1:t is finished else ψ_t,
+
+with ψ ≡ 1 when no twist is given. For the twist-induced proposal q_t ∝ p0 ψ_t this reduces to
+w_t = Z_t(s_<t) / ψ_t−1 (times φ / ψ_t(s_1:t) on the finishing step), computed with an exact logsumexp over the
+vocabulary. Groups (one per prompt) whose ESS falls below κ·K add log mean_k e^{W_k} to log Ẑ, resample, and reset
+W = 0; at the end log Ẑ adds log mean_k e^{W_k}. κ = 0 is SIS, κ = 1 resamples every step.
+
+With ``reference`` (conditional SMC, MATH.md "Bounds"), particle 0 of each group is clamped to a given sequence: its
+tokens and ancestry are fixed, the other K−1 particles choose ancestors among all K by multinomial draws, and
+E[log Ẑ] ≥ log Z when the reference is an exact sample of σ.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from twistlm.errors import ConfigError, TwistLMError
+from twistlm.resampling import ess as compute_ess
+from twistlm.resampling import get_resampler, log_mean_exp, multinomial
+from twistlm.result import SMCResult
+from twistlm.target import Target
+from twistlm.twists.base import Twist, TwistContext
+
+PROPOSALS = ("base", "twisted")
+StepCallback = Callable[[int, int, dict], None]
+"""Called after every step as ``callback(t, T, info)``; ``info`` has ``ess`` (mean over groups) and ``finished``."""
+
+
+class _Reference:
+    """Clamped trajectories for conditional SMC: one token sequence per prompt, placed in particle 0."""
+
+    def __init__(self, target: Target, reference: Sequence[Sequence[int]], num_particles: int, pad: int):
+        if len(reference) != target.num_prompts:
+            raise ConfigError(f"reference needs one sequence per prompt ({target.num_prompts}), got {len(reference)}")
+        T = target.max_new_tokens
+        stops = set(target.stop_ids)
+        self.tokens = torch.full((len(reference), T), pad, dtype=torch.long)
+        for b, seq in enumerate(reference):
+            seq = list(seq)
+            finishes = len(seq) == T or (0 < len(seq) < T and seq[-1] in stops)
+            if not finishes or any(tok in stops for tok in seq[:-1]):
+                raise ConfigError(f"reference {b} is not a finished sequence of this target: {seq}")
+            self.tokens[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        self.rows = torch.arange(len(reference)) * num_particles
+
+
+def _check_inputs(target: Target, num_particles: int, proposal: str, twist: Twist | None, ess_threshold: float):
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ConfigError(f"num_particles must be a positive integer, got {num_particles!r}")
+    if proposal not in PROPOSALS:
+        raise ConfigError(f"unknown proposal {proposal!r}; choose from: {', '.join(PROPOSALS)}")
+    if proposal == "twisted" and twist is None:
+        raise ConfigError("the twisted proposal needs a twist (twist=...)")
+    if not 0.0 <= ess_threshold <= 1.0:
+        raise ConfigError(f"ess_threshold κ must lie in [0, 1], got {ess_threshold}")
+
+
+@torch.inference_mode()
+def run_smc(
+    target: Target,
+    num_particles: int = 64,
+    *,
+    proposal: str = "base",
+    twist: Twist | None = None,
+    resampler: str = "systematic",
+    ess_threshold: float = 1.0,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    reference: Sequence[Sequence[int]] | None = None,
+    callback: StepCallback | None = None,
+) -> list[SMCResult]:
+    """Run B = target.num_prompts independent groups of K particles; one :class:`SMCResult` per prompt."""
+    _check_inputs(target, num_particles, proposal, twist, ess_threshold)
+    resample = get_resampler(resampler)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
+    lm, K, B, T = target.lm, num_particles, target.num_prompts, target.max_new_tokens
+    N, pad = B * K, lm.eos_token_id
+    ref = _Reference(target, reference, K, pad) if reference is not None else None
+    is_stop = torch.zeros(lm.vocab_size, dtype=torch.bool)
+    is_stop[target.stop_ids] = True
+    f64 = torch.float64
+
+    state = lm.prefill(target.prompt_ids, K)
+    prompt_index = torch.arange(B).repeat_interleave(K)
+    tokens = torch.full((N, T), pad, dtype=torch.long)
+    finished = torch.zeros(N, dtype=torch.bool)
+    by_stop = torch.zeros(N, dtype=torch.bool)
+    log_w = torch.zeros(B, K, dtype=f64)
+    log_z = torch.zeros(B, dtype=f64)
+    prev_log_psi = torch.zeros(N, dtype=f64)  # log ψ_t−1(s_1:t−1); ψ_0 ≡ 1
+    log_phi = torch.full((N,), float("nan"), dtype=f64)
+    ess_trace: list[torch.Tensor] = []
+    events: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(B)]
+    every_step, never = ess_threshold >= 1.0, ess_threshold <= 0.0
+
+    for t in range(1, T + 1):
+        active = ~finished
+        logp0 = state.logprobs
+        log_psi = None
+        if twist is not None:
+            ctx = TwistContext(state.hidden, tokens[:, : t - 1], t, T, prompt_index)
+            log_psi = twist.log_psi(ctx).to(logp0.dtype)
+        if proposal == "twisted":
+            logits_q = torch.where(active[:, None], logp0 + log_psi, logp0)
+            log_zt = torch.logsumexp(logits_q, dim=-1)
+            if torch.isneginf(log_zt[active]).any():
+                raise TwistLMError(f"the twist gives ψ = 0 to every token at step {t}: the proposal is undefined")
+            probs = torch.exp(logits_q - log_zt[:, None])
+        else:
+            probs = torch.exp(logp0)
+        s = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        if ref is not None:
+            s[ref.rows] = ref.tokens[:, t - 1]
+        s = torch.where(active, s, torch.full_like(s, pad))
+        tokens[:, t - 1] = s
+
+        stop_now = active & is_stop[s]
+        finishing = stop_now | (active if t == T else torch.zeros_like(active))
+        lpsi = log_psi.gather(1, s[:, None]).squeeze(1).to(f64) if log_psi is not None else torch.zeros(N, dtype=f64)
+        cur = lpsi.clone()
+        rows = finishing.nonzero().squeeze(1)
+        if rows.numel() > 0:
+            phi = target.log_phi(tokens[rows, :t].tolist(), prompt_index[rows].tolist())
+            cur[rows] = phi
+            log_phi[rows] = phi
+        if proposal == "twisted":
+            inc = log_zt.to(f64) - prev_log_psi + torch.where(finishing, cur - lpsi, torch.zeros_like(cur))
+        else:
+            inc = cur - prev_log_psi  # p0 / q cancels
+        inc = torch.where(active, inc, torch.zeros_like(inc))
+        # A particle at weight zero stays at zero (avoid −inf − (−inf) = NaN when its twist was already 0).
+        inc = torch.where(torch.isneginf(prev_log_psi) & active, torch.full_like(inc, float("-inf")), inc)
+        log_w += inc.view(B, K)
+        prev_log_psi = torch.where(active, cur, prev_log_psi)
+        finished |= finishing
+        by_stop |= stop_now
+
+        group_ess = compute_ess(log_w)
+        ess_trace.append(group_ess)
+        done = bool(finished.all()) or t == T
+        if callback is not None:
+            callback(t, T, {"ess": float(group_ess.mean()), "finished": float(finished.float().mean())})
+        if done:
+            break
+        resample_groups = torch.ones(B, dtype=torch.bool) if every_step else group_ess < ess_threshold * K
+        # A group whose particles all have weight zero has Ẑ = 0 already; it cannot be resampled and stays dead.
+        resample_groups &= ~torch.isneginf(log_w).all(dim=1)
+        if never or not resample_groups.any():
+            state = lm.step(state, s)
+            continue
+        groups = resample_groups.nonzero().squeeze(1)
+        log_z[groups] += log_mean_exp(log_w[groups])
+        if ref is None:
+            local = resample(log_w[groups], K, gen)
+        else:
+            free = multinomial(log_w[groups], K - 1, gen)
+            local = torch.cat([torch.zeros(len(groups), 1, dtype=torch.long), free], dim=1)
+        index = torch.arange(N).view(B, K)
+        index[groups] = local + groups[:, None] * K
+        index = index.view(-1)
+        for g, anc in zip(groups.tolist(), local):
+            events[g].append((t, anc.clone()))
+        log_w[groups] = 0.0
+        if not torch.equal(index, torch.arange(N)):
+            tokens, finished, by_stop = tokens[index], finished[index], by_stop[index]
+            prev_log_psi, log_phi, s = prev_log_psi[index], log_phi[index], s[index]
+            state = lm.reorder(state, index)
+        state = lm.step(state, s)
+
+    log_z += log_mean_exp(log_w)
+    return _results(target, tokens, log_w, log_z, log_phi, by_stop, ess_trace, events)
+
+
+def _results(target, tokens, log_w, log_z, log_phi, by_stop, ess_trace, events) -> list[SMCResult]:
+    B, K = log_w.shape
+    ess_matrix = torch.stack(ess_trace, dim=1) if ess_trace else torch.zeros(B, 0)
+    out = []
+    for b in range(B):
+        rows = range(b * K, (b + 1) * K)
+        ids = [_trim(tokens[r].tolist(), target.stop_ids, bool(by_stop[r])) for r in rows]
+        out.append(
+            SMCResult(
+                prompt=target.prompt_texts[b],
+                texts=[target.lm.decode(target.completion_ids(i)) for i in ids],
+                token_ids=ids,
+                log_weights=log_w[b].clone(),
+                log_z=float(log_z[b]),
+                log_phi=log_phi[b * K : (b + 1) * K].clone(),
+                ess=ess_matrix[b].tolist(),
+                resampled_at=[t for t, _ in events[b]],
+                ancestors=[a for _, a in events[b]],
+                finished_by_eos=by_stop[b * K : (b + 1) * K].tolist(),
+            )
+        )
+    return out
+
+
+def _trim(row: list[int], stop_ids: Sequence[int], stopped: bool) -> list[int]:
+    """Generated tokens up to and including the finishing stop token (padding after it dropped)."""
+    if not stopped:
+        return row
+    stops = set(stop_ids)
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return row[: i + 1]
+    return row
+
+
+def smc(target: Target, num_particles: int = 64, **kwargs) -> SMCResult | list[SMCResult]:
+    """SMC (default: base proposal p0, systematic resampling every step). One result, or a list for several prompts.
+
+    Keyword arguments: ``proposal`` ("base" | "twisted"), ``twist``, ``resampler``, ``ess_threshold`` κ ∈ [0, 1],
+    ``seed`` or ``generator``, ``reference`` (conditional SMC), ``callback``; see :func:`run_smc`.
+    """
+    results = run_smc(target, num_particles, **kwargs)
+    return results[0] if target.num_prompts == 1 else results
+
+
+def sis(target: Target, num_particles: int = 64, **kwargs) -> SMCResult | list[SMCResult]:
+    """Importance sampling: SMC that never resamples (κ = 0); log Ẑ = log mean_k Π_t w_t^k."""
+    return smc(target, num_particles, ess_threshold=0.0, **kwargs)
+
+
+def twisted_smc(target: Target, twist: Twist, num_particles: int = 64, **kwargs) -> SMCResult | list[SMCResult]:
+    """SMC with the twist-induced proposal q_t ∝ p0 ψ_t and intermediate targets π_t ∝ p0 ψ_t."""
+    return smc(target, num_particles, proposal="twisted", twist=twist, **kwargs)

@@ -1,0 +1,45 @@
+"""The Twist contract (MATH.md, "Twists and proposals").
+
+A twist gives, from the LM state after s_<t, **log ψ_t(s_<t, v) for every vocabulary token v at once**: a (N, V)
+tensor. Values must be finite or −∞ (ψ_t(s_<t, v) = 0 forbids v; the twist-induced proposal then never proposes it).
+The value it gives for a token that finishes the particle (EOS, or any token at t = T) shapes the proposal only: the
+weight uses φ there (MATH.md, "Weights").
+
+ψ_0 ≡ 1 is implicit. Twists are torch modules so learned ones train with the usual tools; the samplers call them
+under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TwistContext:
+    """What a twist sees at step t (1-based).
+
+    hidden: (N, H) last hidden state of the base LM after s_<t.
+    tokens: (N, t−1) tokens generated so far (rows of finished particles hold the pad/EOS id after their end).
+    step: t, the position of the token about to be sampled.
+    max_new_tokens: T.
+    prompt_index: (N,) which prompt each particle belongs to (for conditional twists).
+    """
+
+    hidden: torch.Tensor
+    tokens: torch.Tensor
+    step: int
+    max_new_tokens: int
+    prompt_index: torch.Tensor
+
+
+class Twist(nn.Module):
+    """Base class: subclasses implement :meth:`log_psi`."""
+
+    def log_psi(self, ctx: TwistContext) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, ctx: TwistContext) -> torch.Tensor:
+        return self.log_psi(ctx)
