@@ -256,3 +256,12 @@ def test_calculator_replays_training_rationales() -> None:
             assert applied, text
             text += ","
         assert parse_final_answer(text) == example.solution, text
+
+
+@given(st.text(alphabet="0123456789 +-*/%().e_jx", max_size=MAX_EXPRESSION_LENGTH))
+def test_safe_eval_on_arbitrary_text_returns_a_number_or_calculator_error(text: str) -> None:
+    try:
+        value = safe_eval(text)
+    except CalculatorError:
+        return
+    assert isinstance(value, int | float) and not isinstance(value, bool)

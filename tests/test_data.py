@@ -153,7 +153,9 @@ def test_jsonl_line_must_be_an_object(tmp_path: Path) -> None:
     ],
 )
 def test_subj_bad_records(tmp_path: Path, record: dict[str, object], problem: str) -> None:
-    path = _write_jsonl(tmp_path / "s.jsonl", ['{"text": "t", "label": 0, "label_text": "objective"}', json.dumps(record)])
+    path = _write_jsonl(
+        tmp_path / "s.jsonl", ['{"text": "t", "label": 0, "label_text": "objective"}', json.dumps(record)]
+    )
     with pytest.raises(DataError, match=r"s\.jsonl, line 2: ") as info:
         load_subj(path)
     assert problem in str(info.value)

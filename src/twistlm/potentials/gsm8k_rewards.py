@@ -128,10 +128,10 @@ def count_xml(text: str) -> float:
         count += XML_TAG_REWARD
     if text.count("\n<answer>\n") == 1:
         count += XML_TAG_REWARD
-        count -= len(text.split("\n</answer>\n")[-1]) * XML_TRAILING_PENALTY
+        count -= len(text.rsplit("\n</answer>\n", maxsplit=1)[-1]) * XML_TRAILING_PENALTY
     if text.count("\n</answer>") == 1:
         count += XML_TAG_REWARD
-        count -= (len(text.split("\n</answer>")[-1]) - 1) * XML_TRAILING_PENALTY
+        count -= (len(text.rsplit("\n</answer>", maxsplit=1)[-1]) - 1) * XML_TRAILING_PENALTY
     return count
 
 
@@ -170,11 +170,14 @@ def _numbers_equal(answer: str, gold: str) -> bool:
 # ----- the recipe, bugs included -----
 
 
-def correctness_reward_func(prompts: Sequence[object], completions: Sequence[Completion], **kwargs: object) -> list[float]:
+def correctness_reward_func(
+    prompts: Sequence[object], completions: Sequence[Completion], **kwargs: object
+) -> list[float]:
     """2.0 if the extracted answer equals the gold string exactly, else 0.0 (recipe)."""
     golds = _golds(completions, kwargs)
     return [
-        CORRECTNESS_REWARD if extract_xml_answer(t) == g else 0.0 for t, g in zip(_texts(completions), golds, strict=True)
+        CORRECTNESS_REWARD if extract_xml_answer(t) == g else 0.0
+        for t, g in zip(_texts(completions), golds, strict=True)
     ]
 
 
@@ -190,7 +193,9 @@ def strict_format_reward_func(
     return [STRICT_FORMAT_REWARD if _RECIPE_STRICT.match(t) else 0.0 for t in _texts(completions)]
 
 
-def soft_format_reward_func(prompts: Sequence[object], completions: Sequence[Completion], **kwargs: object) -> list[float]:
+def soft_format_reward_func(
+    prompts: Sequence[object], completions: Sequence[Completion], **kwargs: object
+) -> list[float]:
     """0.5 if the completion starts with the soft pattern, without DOTALL, else 0.0 (recipe)."""
     return [SOFT_FORMAT_REWARD if _RECIPE_SOFT.match(t) else 0.0 for t in _texts(completions)]
 
@@ -209,7 +214,10 @@ def corrected_correctness_reward_func(
     """2.0 if the extracted answer equals the gold as a number (commas, ``$``, trailing ``.``/``.0`` ignored)."""
     golds = _golds(completions, kwargs)
     texts = _texts(completions)
-    return [CORRECTNESS_REWARD if _numbers_equal(extract_xml_answer(t), g) else 0.0 for t, g in zip(texts, golds, strict=True)]
+    return [
+        CORRECTNESS_REWARD if _numbers_equal(extract_xml_answer(t), g) else 0.0
+        for t, g in zip(texts, golds, strict=True)
+    ]
 
 
 def corrected_int_reward_func(

@@ -150,7 +150,7 @@ def _check_value(value: Number) -> Number:
 
 
 def format_number(x: float) -> str:
-    """Print a calculator result (an int or a float): ints as ints, integral floats as ints (``4.0 → "4"``), other floats rounded.
+    """Print a calculator result (int or float): ints and integral floats as ints (``4.0 → "4"``), others rounded.
 
     Rounding: a non-integral float is printed with ``FLOAT_SIGNIFICANT_DIGITS`` significant digits via the ``g``
     format (``0.1 + 0.2 → "0.3"``, ``2 / 3 → "0.6666666667"``); if that rounds it to an integer it is printed as one.

@@ -1,0 +1,21 @@
+# The two commands of the README: `make sample` (main job on the embedded model) and `make test`.
+VENV := .venv
+PROMPT ?= Once upon a time
+POTENTIAL ?= contains: dragon
+PARTICLES ?= 32
+TOKENS ?= 24
+
+.PHONY: setup sample test bench
+
+setup:
+	@bash scripts/setup.sh
+
+sample: setup
+	$(VENV)/bin/twistlm sample --prompt "$(PROMPT)" --potential "$(POTENTIAL)" --particles $(PARTICLES) --max-new-tokens $(TOKENS) --seed 0
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	EXTRAS=test,bench bash scripts/setup.sh
+	$(VENV)/bin/python benchmarks/bench_speed.py
