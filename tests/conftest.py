@@ -1,0 +1,32 @@
+"""Shared fixtures: the toy LM, the embedded model (loaded once per session), the shared data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M-Instruct (first use converts the GGUF, ~20 s; later loads are cached)."""
+    import twistlm
+
+    return twistlm.load_lm()
+
+
+@pytest.fixture
+def toy():
+    import twistlm
+
+    return twistlm.ToyLM(vocab_size=5, hidden_size=8, seed=1)
