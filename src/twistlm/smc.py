@@ -79,8 +79,9 @@ def run_smc(
     """Run B = target.num_prompts independent groups of K particles; one :class:`SMCResult` per prompt."""
     _check_inputs(target, num_particles, proposal, twist, ess_threshold)
     resample = get_resampler(resampler)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
     lm, K, B, T = target.lm, num_particles, target.num_prompts, target.max_new_tokens
+    gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
+    token_gen = _device_generator(gen, lm.device)
     N, pad = B * K, lm.eos_token_id
     ref = _Reference(target, reference, K, pad) if reference is not None else None
     is_stop = torch.zeros(lm.vocab_size, dtype=torch.bool)
@@ -103,19 +104,21 @@ def run_smc(
     for t in range(1, T + 1):
         active = ~finished
         logp0 = state.logprobs
+        active_dev = active.to(logp0.device)
         log_psi = None
         if twist is not None:
             ctx = TwistContext(state.hidden, tokens[:, : t - 1], t, T, prompt_index)
-            log_psi = twist.log_psi(ctx).to(logp0.dtype)
+            log_psi = twist.log_psi(ctx).to(device=logp0.device, dtype=logp0.dtype)
         if proposal == "twisted":
-            logits_q = torch.where(active[:, None], logp0 + log_psi, logp0)
+            logits_q = torch.where(active_dev[:, None], logp0 + log_psi, logp0)
             log_zt = torch.logsumexp(logits_q, dim=-1)
-            if torch.isneginf(log_zt[active]).any():
+            if torch.isneginf(log_zt[active_dev]).any():
                 raise TwistLMError(f"the twist gives ψ = 0 to every token at step {t}: the proposal is undefined")
             probs = torch.exp(logits_q - log_zt[:, None])
         else:
             probs = torch.exp(logp0)
-        s = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        # Token draws happen where the model lives; the bookkeeping (weights, tokens, ancestry) stays on the CPU.
+        s = torch.multinomial(probs, 1, generator=token_gen).squeeze(1).cpu()
         if ref is not None:
             s[ref.rows] = ref.tokens[:, t - 1]
         s = torch.where(active, s, torch.full_like(s, pad))
@@ -123,7 +126,10 @@ def run_smc(
 
         stop_now = active & is_stop[s]
         finishing = stop_now | (active if t == T else torch.zeros_like(active))
-        lpsi = log_psi.gather(1, s[:, None]).squeeze(1).to(f64) if log_psi is not None else torch.zeros(N, dtype=f64)
+        if log_psi is not None:
+            lpsi = log_psi.gather(1, s[:, None].to(log_psi.device)).squeeze(1).to(device="cpu", dtype=f64)
+        else:
+            lpsi = torch.zeros(N, dtype=f64)
         cur = lpsi.clone()
         rows = finishing.nonzero().squeeze(1)
         if rows.numel() > 0:
@@ -131,7 +137,7 @@ def run_smc(
             cur[rows] = phi
             log_phi[rows] = phi
         if proposal == "twisted":
-            inc = log_zt.to(f64) - prev_log_psi + torch.where(finishing, cur - lpsi, torch.zeros_like(cur))
+            inc = log_zt.to(device="cpu", dtype=f64) - prev_log_psi + torch.where(finishing, cur - lpsi, torch.zeros_like(cur))
         else:
             inc = cur - prev_log_psi  # p0 / q cancels
         inc = torch.where(active, inc, torch.zeros_like(inc))
@@ -176,6 +182,14 @@ def run_smc(
 
     log_z += log_mean_exp(log_w)
     return _results(target, tokens, log_w, log_z, log_phi, by_stop, ess_trace, events)
+
+
+def _device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on the model's device, seeded from ``gen`` (the same generator when that is already there)."""
+    if torch.device(gen.device).type == torch.device(device).type:
+        return gen
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _results(target, tokens, log_w, log_z, log_phi, by_stop, ess_trace, events) -> list[SMCResult]:

@@ -22,7 +22,8 @@ class TwistContext:
     """What a twist sees at step t (1-based).
 
     hidden: (N, H) last hidden state of the base LM after s_<t.
-    tokens: (N, t−1) tokens generated so far (rows of finished particles hold the pad/EOS id after their end).
+    tokens: (N, t−1) tokens generated so far, on the CPU (rows of finished particles hold the pad/EOS id after
+        their end); hidden is on the model's device.
     step: t, the position of the token about to be sampled.
     max_new_tokens: T.
     prompt_index: (N,) which prompt each particle belongs to (for conditional twists).

@@ -1,0 +1,209 @@
+"""``twistlm evaluate``: bounds on log Z and KL estimates for the base proposal and trained twists on a task.
+
+Flow: cheap checks (particle list, registry names, twist folders, output folder) → load the model → build the task's
+target → exact samples (rejection / BDMC / none) → lower and upper bounds for every (proposal, K) with a progress bar
+→ KL estimates from the K = 1 runs → results.json, bounds.png, kl.png, report.md in ``--out`` (see
+:mod:`twistlm.report`). ``--model toy`` loads ``twistlm.ToyLM(vocab_size=5, seed=1)``: a testing aid, so the whole
+pipeline runs in seconds (with small T its targets are enumerated and the exact log Z is reported).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from twistlm.cli.app import app, console, err_console
+from twistlm.cli.common import check_model, check_twist, load_model, load_twist, parse_options
+from twistlm.errors import ConfigError, TwistLMError
+from twistlm.lm import ParticleLM
+from twistlm.report import EXACT_METHODS, write_report
+from twistlm.report import evaluate as run_evaluation
+from twistlm.resampling import RESAMPLERS
+from twistlm.tasks.registry import Task, get_task
+
+TOY_MODEL = "toy"
+"""``--model toy``: the seeded toy LM (vocab 5), a testing aid for running the pipeline end to end quickly."""
+DEFAULT_PARTICLES = "1,4,16,64,256"
+
+
+def _parse_particles(text: str) -> list[int]:
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError as exc:
+        raise ConfigError(f"--particles must be comma-separated integers, got {text!r}") from exc
+    if not counts or counts[0] < 1:
+        raise ConfigError(f"--particles must be positive integers, got {text!r}")
+    return counts
+
+
+def _check_task_options(task: Task, options: dict[str, Any]) -> None:
+    if "max_new_tokens" in options:
+        raise TwistLMError("set the horizon with --max-new-tokens, not as a task option")
+    params = list(inspect.signature(task.build).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = {p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(options) - named)
+    if unknown:
+        raise ConfigError(f"task {task.name!r} has no option {unknown[0]!r}")
+
+
+def _load_lm(model: str | None) -> ParticleLM:
+    if model == TOY_MODEL:
+        from twistlm.toy import ToyLM
+
+        return ToyLM(vocab_size=5, seed=1)
+    return load_model(model)
+
+
+def _twist_names(paths: list[Path]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        base = f"twist:{p.name or p.resolve().name}"
+        name, i = base, 2
+        while name in names or name == "base":
+            name, i = f"{base}#{i}", i + 1
+        names.append(name)
+    return names
+
+
+def _summary(report) -> Table:
+    kmax = max(report.bounds.particle_counts)
+    table = Table(title=f"log Ẑ_best = {report.log_z_best:.4f}", title_style="bold")
+    for col in ("proposal", "KL(q‖σ)", "KL(σ‖q)", f"lower K={kmax}", f"upper K={kmax}"):
+        table.add_column(col, justify="left" if col == "proposal" else "right")
+
+    def cell(e) -> str:
+        if e is None:
+            return "—"
+        return f"{e.mean:.4f}" if math.isfinite(e.mean) else ("∞" if e.mean > 0 else "−∞")
+
+    for name in report.bounds.proposals:
+        e, k = report.bounds.entry(name, kmax), report.kl.get(name)
+        table.add_row(name, cell(k and k.kl_q_sigma), cell(k and k.kl_sigma_q), cell(e.lower), cell(e.upper))
+    return table
+
+
+@app.command()
+def evaluate(
+    task: Annotated[str, typer.Option("--task", help="A registered task (see `twistlm tasks`).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.json, bounds.png, kl.png, report.md.")],
+    task_option: Annotated[
+        list[str] | None, typer.Option("--task-option", "-o", help="Task option key=value (repeatable).")
+    ] = None,
+    twist: Annotated[
+        list[Path] | None,
+        typer.Option("--twist", help="Directory of a trained twist; each adds a twisted proposal (repeatable)."),
+    ] = None,
+    particles: Annotated[
+        str, typer.Option("--particles", "-K", help="Particle counts K, comma-separated.")
+    ] = DEFAULT_PARTICLES,
+    seeds: Annotated[int, typer.Option("--seeds", help="Independent runs per (proposal, K).")] = 32,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Hub id, model directory, .gguf file, or 'toy' (testing aid)."),
+    ] = None,
+    exact: Annotated[
+        str, typer.Option("--exact", help="Exact σ samples for upper bounds: auto | rejection | bdmc | none.")
+    ] = "auto",
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", "-T", help="Horizon T (default: the task's).")
+    ] = None,
+    ending_tokens: Annotated[int, typer.Option("--ending-tokens", help="BDMC: length c of the sampled ending o.")] = 8,
+    sampler: Annotated[str, typer.Option("--sampler", help="smc or sis.")] = "smc",
+    resampler: Annotated[str, typer.Option("--resampler", help=" | ".join(RESAMPLERS))] = "systematic",
+    ess_threshold: Annotated[
+        float, typer.Option("--ess-threshold", help="κ: resample when ESS < κ·K (1 = every step).")
+    ] = 1.0,
+    max_proposals: Annotated[
+        int, typer.Option("--max-proposals", help="Rejection sampling budget (p0 samples).")
+    ] = 200_000,
+    batch_particles: Annotated[
+        int, typer.Option("--batch-particles", help="Most particles per sampler call (memory: KV cache per particle).")
+    ] = 1024,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")] = False,
+) -> None:
+    """Lower/upper bounds on log Z and KL(q‖σ), KL(σ‖q) for the base proposal and each --twist."""
+    # Cheap checks first: nothing here loads a model.
+    counts = _parse_particles(particles)
+    options = parse_options(task_option)
+    if seeds < 2:
+        raise ConfigError(f"--seeds must be at least 2 (confidence intervals), got {seeds}")
+    if exact not in EXACT_METHODS:
+        raise ConfigError(f"unknown --exact {exact!r}; choose from: {', '.join(EXACT_METHODS)}")
+    if sampler not in ("smc", "sis"):
+        raise ConfigError(f"unknown --sampler {sampler!r}; choose from: smc, sis")
+    if resampler not in RESAMPLERS:
+        raise ConfigError(f"unknown resampler {resampler!r}; choose from: {', '.join(RESAMPLERS)}")
+    if not 0.0 <= ess_threshold <= 1.0:
+        raise ConfigError(f"--ess-threshold κ must lie in [0, 1], got {ess_threshold}")
+    if batch_particles < 1:
+        raise ConfigError(f"--batch-particles must be positive, got {batch_particles}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    twists = list(twist or [])
+    for path in twists:
+        check_twist(path)
+    task_obj = get_task(task)
+    _check_task_options(task_obj, options)
+    if model != TOY_MODEL:
+        check_model(model)
+    if out.exists() and not out.is_dir():
+        raise TwistLMError(f"--out {out} exists and is not a folder")
+
+    if quiet:
+        lm = _load_lm(model)
+    else:
+        with err_console.status(f"loading model {model or 'embedded'} …"):
+            lm = _load_lm(model)
+    target = task_obj.build(lm, max_new_tokens=max_new_tokens, **options)
+    proposals: dict[str, Any] = {"base": "base"}
+    for name, path in zip(_twist_names(twists), twists):
+        proposals[name] = ("twisted", load_twist(path, lm))
+    meta = {
+        "task": task,
+        "task_options": options,
+        "model": model or "embedded",
+        "twists": {name: str(p) for name, p in zip(list(proposals)[1:], twists)},
+        "seed": seed,
+    }
+    kwargs = {
+        "exact": exact, "ending_tokens": ending_tokens, "sampler": sampler, "resampler": resampler,
+        "ess_threshold": ess_threshold, "seed": seed, "max_proposals": max_proposals,
+        "max_batch_particles": batch_particles, "meta": meta,
+    }  # fmt: skip
+    if quiet:
+        report = run_evaluation(target, proposals, counts, seeds, **kwargs)
+    else:
+        columns = (
+            TextColumn("[bold]{task.description:<28}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=err_console, transient=True) as progress:
+            bar = progress.add_task("preparing", total=1)
+
+            def on_progress(done: int, total: int, what: str) -> None:
+                progress.update(bar, completed=done, total=total, description=what)
+
+            report = run_evaluation(target, proposals, counts, seeds, progress=on_progress, **kwargs)
+    paths = write_report(report, out)
+    if not quiet:
+        if report.exact and report.exact.get("method") == "rejection" and not report.exact.get("complete", True):
+            err_console.print(
+                f"[yellow]warning:[/] rejection sampling accepted {report.exact['num_accepted']} of "
+                f"{report.exact['num_requested']} samples (acceptance rate {report.exact['acceptance_rate']:.3g}); "
+                "upper bounds use that many runs",
+                highlight=False,
+            )
+        console.print(_summary(report))
+        console.print(f"wrote {', '.join(str(p) for p in paths.values())}", style="dim", highlight=False)
