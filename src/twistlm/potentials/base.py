@@ -16,12 +16,13 @@ naming the potential, so a NaN never propagates silently into the weights.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from twistlm.errors import PotentialError
+from twistlm.errors import PotentialError, TwistLMError
 
 BOUND_TOLERANCE = 1e-6
 """Slack for ``bounded`` potentials: log φ up to this value is float noise around φ = 1, not a broken promise."""
@@ -36,7 +37,9 @@ class Sequences:
     token_ids: the generated token ids (EOS dropped).
     prompt_index: which of the sampler's prompts each sequence belongs to.
     extras: per-prompt data for potentials that need it (e.g. gold answers, observed endings), keyed by name, each a
-        list indexed by prompt_index.
+        list aligned with the sequences.
+    prompt_ids: the prompt's token ids for each sequence, exactly as the sampler fed them to the LM (chat template
+        included); empty when the caller built the batch by hand.
     """
 
     prompts: list[str]
@@ -44,6 +47,7 @@ class Sequences:
     token_ids: list[list[int]]
     prompt_index: list[int] = field(default_factory=list)
     extras: dict[str, list[Any]] = field(default_factory=dict)
+    prompt_ids: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -65,7 +69,7 @@ class Potential(ABC):
         try:
             raw = self.log_phi(seqs)
             values = torch.as_tensor(raw, dtype=torch.float64).reshape(-1)
-        except PotentialError:
+        except TwistLMError:  # already a clear, user-facing error (PotentialError, ConfigError, DataError, ...)
             raise
         except (TypeError, ValueError, RuntimeError) as exc:
             raise PotentialError(f"potential {self.name!r} returned something that is not numbers: {exc}") from exc
@@ -84,6 +88,19 @@ class Potential(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, bounded={self.bounded})"
+
+    # Sugar for the combinators: ``p1 + p2`` is Sum (φ1·φ2), ``p * beta`` is Scaled (φ^β).
+    def __add__(self, other):
+        from twistlm.potentials.combinators import Sum
+
+        return Sum(self, other) if isinstance(other, Potential) or callable(other) else NotImplemented
+
+    def __mul__(self, beta):
+        from twistlm.potentials.combinators import Scaled
+
+        return Scaled(self, beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else NotImplemented
+
+    __rmul__ = __mul__
 
 
 class FunctionPotential(Potential):
