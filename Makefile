@@ -1,7 +1,7 @@
 # The two commands of the README: `make sample` (main job on the embedded model) and `make test`.
 VENV := .venv
-PROMPT ?= Once upon a time
-POTENTIAL ?= contains: dragon
+PROMPT ?= I bought this
+POTENTIAL ?= sentiment:1
 PARTICLES ?= 32
 TOKENS ?= 24
 

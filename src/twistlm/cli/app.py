@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.console import Console
 
@@ -23,6 +22,27 @@ err_console = Console(stderr=True)
 USAGE_ERROR = 2
 
 
+def _exception_classes(name: str) -> tuple[type, ...]:
+    """click's exception class ``name`` wherever it lives: typer ≥ 0.16 ships its own copy of click (with Exit and
+    Abort moved to typer.exceptions); older typer uses click itself."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _exception_classes("UsageError")
+_EXITS = _exception_classes("Exit")
+_ABORTS = _exception_classes("Abort")
+
+
 def fail(message: str) -> None:
     """Abort a command with one line on stderr and exit code 2."""
     raise TwistLMError(message)
@@ -35,12 +55,15 @@ def run_app(argv: list[str] | None = None) -> int:
     except TwistLMError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return USAGE_ERROR
-    except click.exceptions.UsageError as exc:
+    except _USAGE_ERRORS as exc:
+        if exc.ctx is not None and not (argv if argv is not None else sys.argv[1:]):
+            err_console.print(exc.ctx.get_help(), highlight=False)  # bare `twistlm`: show the help, not an error
+            return USAGE_ERROR
         err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
         return USAGE_ERROR
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         err_console.print("aborted")
         return 1
     return 0

@@ -1,0 +1,186 @@
+"""Helpers shared by CLI commands: quiet model loading, twist loading, ``key=value`` options, atomic JSON output.
+
+Checks named ``check_*`` are cheap (no torch work, no model) so commands can reject bad input before spending seconds
+loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twistlm.errors import ConfigError, ModelLoadError, TwistLMError
+from twistlm.lm import ParticleLM, load_lm
+from twistlm.twists.base import Twist
+from twistlm.twists.linear import CONFIG_NAME, LinearTwist
+
+EMBEDDED_LABEL = "embedded"
+"""How the CLI names the default model (``--model`` not given)."""
+
+TWIST_LOADERS: dict[str, Callable[[Path, ParticleLM], Twist]] = {
+    LinearTwist.kind: lambda path, lm: LinearTwist.from_pretrained(path, lm),
+}
+"""Fallback twist loaders by kind (the ``kind`` field of ``twist_config.json``), used only where the kind registry
+:mod:`twistlm.twists.io` is absent; with it, every kind registered there loads."""
+
+_MODEL_CACHE: dict[str | None, ParticleLM] = {}
+
+
+# --------------------------------------------------------------------------------------------------------- models
+
+
+def quiet_transformers() -> None:
+    """Silence transformers / huggingface_hub info logs and progress bars ("Loading weights ...")."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import logging as hub_logging
+
+        disable_progress_bars()
+        hub_logging.set_verbosity_error()
+    except ImportError:  # older huggingface_hub: transformers' switches above are enough
+        pass
+
+
+def check_model(name: str | None) -> None:
+    """Reject a missing local model path or GGUF file without importing transformers."""
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {name}")
+    elif name.startswith((".", "/", "~")) and not path.is_dir():
+        raise ModelLoadError(f"model path not found: {name}")
+    elif path.exists() and not path.is_dir():
+        raise ModelLoadError(
+            f"model path is not a directory: {name} (give a model directory, a .gguf file or a hub id)"
+        )
+
+
+def load_model(name: str | None) -> ParticleLM:
+    """Load (once per process) the base model p0: ``None`` is the embedded default; logs and progress bars quiet."""
+    if name not in _MODEL_CACHE:
+        check_model(name)
+        quiet_transformers()
+        _MODEL_CACHE[name] = load_lm(name)
+    return _MODEL_CACHE[name]
+
+
+# --------------------------------------------------------------------------------------------------------- twists
+
+
+def _twist_io():
+    """The twist-kind registry :mod:`twistlm.twists.io` (every kind), or None where it is not installed."""
+    try:
+        from twistlm.twists import io
+    except ImportError:
+        return None
+    return io
+
+
+def check_twist(path: Path) -> str:
+    """The kind of the twist saved in ``path`` (its config read, the kind checked to be known); no weights are read."""
+    if not path.is_dir():
+        raise ConfigError(f"twist directory not found: {path}")
+    io = _twist_io()
+    if io is not None:
+        kind = str(io.read_config(path).get("kind"))
+        io.get_twist_kind(kind)
+        return kind
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        raise ConfigError(f"no twist found in {path} (missing {CONFIG_NAME})")
+    try:
+        kind = json.loads(config.read_text()).get("kind")
+    except (json.JSONDecodeError, AttributeError, OSError) as exc:
+        raise ConfigError(f"unreadable twist config {config}: {exc}") from exc
+    if kind not in TWIST_LOADERS:
+        raise ConfigError(f"twist in {path} is of unknown kind {kind!r}; known kinds: {', '.join(TWIST_LOADERS)}")
+    return kind
+
+
+def load_twist(path: str | os.PathLike, lm: ParticleLM) -> Twist:
+    """Load the twist saved in directory ``path`` for base model ``lm``, dispatching on its ``kind``."""
+    path = Path(path).expanduser()
+    kind = check_twist(path)
+    io = _twist_io()
+    twist = io.load_twist(path, lm) if io is not None else TWIST_LOADERS[kind](path, lm)
+    return twist.eval()
+
+
+# -------------------------------------------------------------------------------------------------------- options
+
+
+def parse_value(text: str) -> Any:
+    """``"3"`` → 3, ``"0.5"`` → 0.5, ``"true"``/``"false"`` → bool, anything else stays a string."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return text
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """``["a=1", "name=x"]`` → ``{"a": 1, "name": "x"}`` (values through :func:`parse_value`)."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TwistLMError(f"bad option {item!r}: write it as key=value")
+        if key in options:
+            raise TwistLMError(f"option {key!r} given twice")
+        options[key] = parse_value(value)
+    return options
+
+
+# ------------------------------------------------------------------------------------------------------------ json
+
+
+def check_writable(path: Path) -> None:
+    """Fail early if ``path``'s folder does not exist (before a long run whose output would be lost)."""
+    parent = path.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise TwistLMError(f"cannot write {path}: folder {parent} does not exist")
+    if path.is_dir():
+        raise TwistLMError(f"cannot write {path}: it is a directory")
+
+
+def json_safe(obj: Any) -> Any:
+    """Replace non-finite floats (anywhere in nested dicts/lists) by None, so the output is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = path.expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(json_safe(data), f, indent=2, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
