@@ -79,6 +79,10 @@ class ParticleLM(ABC):
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt (chat messages get the chat template with the generation prompt)."""
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a piece of text to append mid-sequence (no special tokens, no chat template)."""
+        return self.encode(text)
+
     @abstractmethod
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated token ids (special tokens dropped)."""
@@ -164,6 +168,9 @@ class HFLM(ParticleLM):
                 raise TwistLMError("the prompt is empty and the model has no BOS token to start from")
             ids = [bos]
         return list(ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -13,6 +13,8 @@ W = 0; at the end log Ẑ adds log mean_k e^{W_k}. κ = 0 is SIS, κ = 1 resampl
 With ``reference`` (conditional SMC, MATH.md "Bounds"), particle 0 of each group is clamped to a given sequence: its
 tokens and ancestry are fixed, the other K−1 particles choose ancestors among all K by multinomial draws, and
 E[log Ẑ] ≥ log Z when the reference is an exact sample of σ.
+
+With ``target.tool`` (see :mod:`twistlm.tools`), tokens a tool returns are forced one per step: p0 = q = 1 for them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from twistlm.resampling import ess as compute_ess
 from twistlm.resampling import get_resampler, log_mean_exp, multinomial
 from twistlm.result import SMCResult
 from twistlm.target import Target
+from twistlm.tools import ToolQueue
 from twistlm.twists.base import Twist, TwistContext
 
 PROPOSALS = ("base", "twisted")
@@ -84,6 +87,7 @@ def run_smc(
     token_gen = _device_generator(gen, lm.device)
     N, pad = B * K, lm.eos_token_id
     ref = _Reference(target, reference, K, pad) if reference is not None else None
+    tools = ToolQueue(target.tool, lm, N) if target.tool is not None else None
     is_stop = torch.zeros(lm.vocab_size, dtype=torch.bool)
     is_stop[target.stop_ids] = True
     f64 = torch.float64
@@ -121,6 +125,12 @@ def run_smc(
         s = torch.multinomial(probs, 1, generator=token_gen).squeeze(1).cpu()
         if ref is not None:
             s[ref.rows] = ref.tokens[:, t - 1]
+        forced = tools.force(s, active) if tools is not None else None
+        if forced is not None and ref is not None:
+            live = active[ref.rows]
+            if not torch.equal(s[ref.rows][live], ref.tokens[:, t - 1][live]):
+                raise ConfigError(f"a reference disagrees with the tool's output at step {t}: it was not sampled "
+                                  "under this target's tool")
         s = torch.where(active, s, torch.full_like(s, pad))
         tokens[:, t - 1] = s
 
@@ -140,6 +150,8 @@ def run_smc(
             inc = log_zt.to(device="cpu", dtype=f64) - prev_log_psi + torch.where(finishing, cur - lpsi, torch.zeros_like(cur))
         else:
             inc = cur - prev_log_psi  # p0 / q cancels
+        if forced is not None:  # tool tokens: p0 = q = 1, only the twist ratio (or φ) remains
+            inc = torch.where(forced, cur - prev_log_psi, inc)
         inc = torch.where(active, inc, torch.zeros_like(inc))
         # A particle at weight zero stays at zero (avoid −inf − (−inf) = NaN when its twist was already 0).
         inc = torch.where(torch.isneginf(prev_log_psi) & active, torch.full_like(inc, float("-inf")), inc)
@@ -147,6 +159,8 @@ def run_smc(
         prev_log_psi = torch.where(active, cur, prev_log_psi)
         finished |= finishing
         by_stop |= stop_now
+        if tools is not None:
+            tools.consult(target, tokens, t, s, ~finished & ~forced)
 
         group_ess = compute_ess(log_w)
         ess_trace.append(group_ess)
@@ -178,6 +192,8 @@ def run_smc(
             tokens, finished, by_stop = tokens[index], finished[index], by_stop[index]
             prev_log_psi, log_phi, s = prev_log_psi[index], log_phi[index], s[index]
             state = lm.reorder(state, index)
+            if tools is not None:
+                tools.reorder(index)
         state = lm.step(state, s)
 
     log_z += log_mean_exp(log_w)

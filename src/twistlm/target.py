@@ -21,6 +21,8 @@ class Target:
     stop_at_eos: EOS finishes a particle (it is not part of the text). If False, EOS is an ordinary token.
     stop_token_ids: further tokens that finish a particle; unlike EOS they stay in the completion (e.g. ".").
     extras: per-prompt data handed to the potential (see :class:`~twistlm.potentials.Sequences`).
+    tool: a :class:`~twistlm.tools.Tool` whose output is spliced into completions as they are sampled (the target is
+        then p0 with tool outputs forced).
     """
 
     lm: ParticleLM
@@ -31,6 +33,7 @@ class Target:
     stop_at_eos: bool = True
     stop_token_ids: Sequence[int] = ()
     extras: dict[str, list[Any]] = field(default_factory=dict)
+    tool: Any = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompts is None):
