@@ -17,15 +17,20 @@ a local directory or a ``.gguf`` file. The toy LM for exactness tests lives in :
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from twistlm.errors import ModelLoadError, TwistLMError
+
+HEAD_CHUNK_ELEMENTS = 1 << 24
+"""Scored positions go through the output projection in chunks of at most this many logits (≈ 64 MB in fp32)."""
 
 Prompt = str | list[dict[str, str]]
 """A prompt: plain text (continued as is) or chat messages (the chat template is applied, generation prompt added)."""
@@ -101,7 +106,30 @@ class ParticleLM(ABC):
 
     @abstractmethod
     def reorder(self, state: LMState, index: torch.Tensor) -> LMState:
-        """Rows of a new state: row i is old row ``index[i]`` (ancestor indices after resampling)."""
+        """Rows of a new state: row i is old row ``index[i]`` (ancestor indices after resampling). May reuse and
+        modify ``state``'s storage: the old state is not to be used afterwards."""
+
+    def fork(self, state: LMState, rows: torch.Tensor) -> LMState:
+        """A new, independent state holding copies of ``rows`` of ``state`` (which stays usable)."""
+        return self.reorder(state, rows)
+
+    def score_tokens(self, state: LMState, feeds: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
+        """Σ_{j ≥ starts[i]} log p0(feeds[i][j] | context of row i, feeds[i][<j]) for each row i of ``state``.
+
+        ``state`` must be owned by the caller (e.g. from :meth:`fork`): it is advanced in place. Returns (n,) float64
+        on the CPU. This generic version steps token by token; backends may do it in one pass.
+        """
+        n = len(feeds)
+        lengths = torch.tensor([len(f) for f in feeds])
+        begin = torch.tensor([int(a) for a in starts])
+        total = torch.zeros(n, dtype=torch.float64)
+        for j in range(int(lengths.max()) if n else 0):
+            tok = torch.tensor([f[j] if j < len(f) else self.eos_token_id for f in feeds], dtype=torch.long)
+            lp = state.logprobs.gather(1, tok.to(state.logprobs.device)[:, None]).squeeze(1).to("cpu", torch.float64)
+            total += torch.where((j < lengths) & (j >= begin), lp, torch.zeros_like(lp))
+            if j + 1 < int(lengths.max()):
+                state = self.step(state, tok)
+        return total
 
 
 class HFLM(ParticleLM):
@@ -229,6 +257,71 @@ class HFLM(ParticleLM):
             "next_pos": b["next_pos"][index],
         }
         return LMState(logprobs=state.logprobs[index], hidden=state.hidden[index], backend=backend)
+
+    @torch.inference_mode()
+    def fork(self, state: LMState, rows: torch.Tensor) -> LMState:
+        b = state.backend
+        rows = rows.to(self.device)
+        backend = {
+            "cache": _select_cache_rows(b["cache"], rows),
+            "mask": None if b["mask"] is None else b["mask"][rows],
+            "next_pos": b["next_pos"][rows],
+        }
+        return LMState(logprobs=state.logprobs[rows], hidden=state.hidden[rows], backend=backend)
+
+    @torch.inference_mode()
+    def score_tokens(self, state: LMState, feeds: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
+        """One forward pass over all feeds (right-padded) on top of the rows' KV cache; see ParticleLM."""
+        n, dev = len(feeds), self.device
+        total = torch.zeros(n, dtype=torch.float64)
+        for i, (f, a) in enumerate(zip(feeds, starts)):
+            if a <= 0 < len(f):  # f_0 is predicted by the state's current log-probs
+                total[i] += float(state.logprobs[i, f[0]])
+        inputs = [list(f[:-1]) for f in feeds]  # the last token is only predicted, never fed
+        width = max((len(x) for x in inputs), default=0)
+        picks = [(i, j - 1, f[j]) for i, (f, a) in enumerate(zip(feeds, starts)) for j in range(max(a, 1), len(f))]
+        if width == 0 or not picks:
+            return total
+        b = state.backend
+        ids = torch.tensor([x + [self._eos] * (width - len(x)) for x in inputs], device=dev)
+        cont_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inputs], device=dev)
+        past = b["mask"] if b["mask"] is not None else cont_mask.new_ones(n, int(b["next_pos"].max()))
+        positions = b["next_pos"][:, None] + torch.arange(width, device=dev)
+        out = self._backbone(
+            input_ids=ids,
+            attention_mask=torch.cat([past, cont_mask], dim=1),
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: b["cache"]},
+        )
+        rows_t = torch.tensor([p[0] for p in picks], device=dev)
+        hidden = out.last_hidden_state[rows_t, torch.tensor([p[1] for p in picks], device=dev)]  # (M, H)
+        targets = torch.tensor([p[2] for p in picks], device=dev)
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // self.vocab_size)
+        logps = [
+            torch.log_softmax(self._head(hidden[k : k + chunk]).float(), dim=-1)
+            .gather(1, targets[k : k + chunk, None])
+            .squeeze(1)
+            for k in range(0, hidden.shape[0], chunk)
+        ]
+        total.index_add_(0, rows_t.cpu(), torch.cat(logps).to("cpu", torch.float64))
+        return total
+
+
+def _select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A copy of a KV cache restricted to ``rows`` (the original is left untouched)."""
+    new = copy.copy(cache)
+    if hasattr(cache, "layers"):  # transformers ≥ 4.56: one object per layer
+        new.layers = []
+        for layer in cache.layers:
+            clone = copy.copy(layer)
+            if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
+                clone.keys, clone.values = layer.keys[rows], layer.values[rows]
+            new.layers.append(clone)
+    else:  # older DynamicCache: parallel lists of tensors
+        new.key_cache = [k[rows] for k in cache.key_cache]
+        new.value_cache = [v[rows] for v in cache.value_cache]
+    return new
 
 
 def load_lm(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None) -> HFLM:

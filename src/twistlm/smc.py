@@ -101,6 +101,7 @@ def run_smc(
     log_z = torch.zeros(B, dtype=f64)
     prev_log_psi = torch.zeros(N, dtype=f64)  # log ψ_t−1(s_1:t−1); ψ_0 ≡ 1
     log_phi = torch.full((N,), float("nan"), dtype=f64)
+    log_p0 = torch.zeros(N, dtype=f64)  # log p0(s_1:t | x) of the sampled tokens, handed to potentials
     ess_trace: list[torch.Tensor] = []
     events: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(B)]
     every_step, never = ess_threshold >= 1.0, ess_threshold <= 0.0
@@ -134,6 +135,9 @@ def run_smc(
         s = torch.where(active, s, torch.full_like(s, pad))
         tokens[:, t - 1] = s
 
+        lp0 = logp0.gather(1, s[:, None].to(logp0.device)).squeeze(1).to(device="cpu", dtype=f64)
+        sampled = active if forced is None else active & ~forced
+        log_p0 += torch.where(sampled, lp0, torch.zeros_like(lp0))
         stop_now = active & is_stop[s]
         finishing = stop_now | (active if t == T else torch.zeros_like(active))
         if log_psi is not None:
@@ -143,7 +147,9 @@ def run_smc(
         cur = lpsi.clone()
         rows = finishing.nonzero().squeeze(1)
         if rows.numel() > 0:
-            phi = target.log_phi(tokens[rows, :t].tolist(), prompt_index[rows].tolist())
+            phi = target.log_phi(
+                tokens[rows, :t].tolist(), prompt_index[rows].tolist(), log_p0=log_p0[rows], lm_state=state, state_rows=rows
+            )
             cur[rows] = phi
             log_phi[rows] = phi
         if proposal == "twisted":
@@ -190,7 +196,7 @@ def run_smc(
         log_w[groups] = 0.0
         if not torch.equal(index, torch.arange(N)):
             tokens, finished, by_stop = tokens[index], finished[index], by_stop[index]
-            prev_log_psi, log_phi, s = prev_log_psi[index], log_phi[index], s[index]
+            prev_log_psi, log_phi, log_p0, s = prev_log_psi[index], log_phi[index], log_p0[index], s[index]
             state = lm.reorder(state, index)
             if tools is not None:
                 tools.reorder(index)

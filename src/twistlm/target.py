@@ -73,10 +73,12 @@ class Target:
             ids = ids[:-1]
         return ids
 
-    def sequences(self, generated: Sequence[Sequence[int]], prompt_index: Sequence[int]) -> Sequences:
-        """Package finished generations for the potential."""
+    def sequences(self, generated: Sequence[Sequence[int]], prompt_index: Sequence[int], **context: Any) -> Sequences:
+        """Package finished generations for the potential (``context``: the sampler's fields of Sequences)."""
         ids = [self.completion_ids(g) for g in generated]
         return Sequences(
+            **context,
+            unfed=[c[len(g) - 1 :] for c, g in zip(ids, generated)] if "lm_state" in context else [],
             prompts=[self.prompt_texts[b] for b in prompt_index],
             texts=[self.lm.decode(i) for i in ids],
             token_ids=ids,
@@ -85,6 +87,6 @@ class Target:
             prompt_ids=[self.prompt_ids[b] for b in prompt_index],
         )
 
-    def log_phi(self, generated: Sequence[Sequence[int]], prompt_index: Sequence[int]):
+    def log_phi(self, generated: Sequence[Sequence[int]], prompt_index: Sequence[int], **context: Any):
         """log φ of finished generations (validated: NaN raises an error naming the potential)."""
-        return self.potential(self.sequences(generated, prompt_index))
+        return self.potential(self.sequences(generated, prompt_index, **context))

@@ -40,6 +40,12 @@ class Sequences:
         list aligned with the sequences.
     prompt_ids: the prompt's token ids for each sequence, exactly as the sampler fed them to the LM (chat template
         included); empty when the caller built the batch by hand.
+
+    Filled in by samplers (None / empty for a hand-built batch), so LM-based potentials need not recompute:
+    log_p0: (n,) log p0(s | x) of each completion as sampled (its finishing EOS included; tool tokens excluded).
+    lm_state / state_rows: the sampler's LM state and the row of each sequence in it; that row holds the KV cache of
+        x + s except the tokens in ``unfed`` (the finishing token, unless it was a dropped EOS). Read-only: use
+        ``lm.fork(lm_state, state_rows)`` for a copy to extend.
     """
 
     prompts: list[str]
@@ -48,6 +54,10 @@ class Sequences:
     prompt_index: list[int] = field(default_factory=list)
     extras: dict[str, list[Any]] = field(default_factory=dict)
     prompt_ids: list[list[int]] = field(default_factory=list)
+    log_p0: torch.Tensor | None = None
+    lm_state: Any = None
+    state_rows: torch.Tensor | None = None
+    unfed: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)

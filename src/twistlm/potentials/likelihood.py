@@ -7,25 +7,19 @@
   token sequence; give token ids when the exact tokenization of the seam matters. For the BDMC check (sample T + c
   tokens from p0, call the last c tokens o) use a target with ``stop_at_eos=False`` so every s has exactly T tokens.
 * :class:`TemperedPotential` — φ(s) = p0(s | x)^(1/τ − 1), so σ ∝ p0^(1/τ) (MATH.md, "Tempered target"). Bounded
-  iff τ ≤ 1. A sampler already knows log p0(s | x) (it sums it while proposing); the current Sequences/Target API
-  does not hand it to potentials, so this potential recomputes it by scoring. A future API could pass log p0
-  directly and make this free.
+  iff τ ≤ 1. Inside a sampler it reads log p0(s | x) from ``Sequences.log_p0`` (the sampler sums it while proposing,
+  finishing EOS included): no recomputation. A hand-built batch is scored anew.
 
-Scoring (:class:`ContinuationScorer`, :func:`score_continuations`) computes Σ_{j ≥ a} log p0(c_j | x, c_<j) for many
-continuations c of a prompt x:
+What is computed where:
 
-* Hugging Face models (:class:`~twistlm.lm.HFLM`): the prompt's KV cache, and its next-token distribution
-  p0(· | x), are computed **once per distinct prompt** with ``lm.prefill`` and kept on the scorer (a small LRU keyed
-  by the prompt's token ids), so later calls never re-encode the prompt. Each call copies that cache, expands it to
-  the batch with ``cache.reorder_cache(index)`` (transformers' DynamicCache), and runs **one** backbone forward over
-  the right-padded continuations of all sequences of that prompt (attention mask over prompt + continuation, position
-  ids continuing after the prompt); the output projection and log-softmax are applied only at the positions that are
-  scored (for infilling: the o tokens, not the s tokens), in chunks. What is *not* reused: the particles' own KV
-  caches for s — the sampler does not hand its LM state to potentials — so the s tokens are re-encoded once per
-  finished sequence (one batched forward per distinct prompt among the sequences), and nothing is shared between the
-  sequences beyond the prompt (e.g. common prefixes of s).
-* Any other :class:`~twistlm.lm.ParticleLM` (the toy LM): a generic slow path through the public interface,
-  ``prefill`` of the prompt for all rows, then one ``step`` per continuation position (exact; used by the tests).
+* From a sampler (``Sequences.lm_state`` set): the infilling potential copies the finishing particles' own KV cache
+  rows (``lm.fork``), which already hold x + s (all but the finishing token), and runs **one** forward over
+  [unfed finishing token] + o for all of them (``lm.score_tokens``). Neither the prompt nor s is re-encoded.
+* A hand-built batch (:class:`ContinuationScorer`, :func:`score_continuations`): Σ_{j ≥ a} log p0(c_j | x, c_<j) for
+  many continuations c of a prompt x. The prompt's state is computed **once per distinct prompt** with
+  ``lm.prefill`` and kept in a small LRU keyed by its token ids; each call forks it to the batch and scores all
+  continuations of that prompt in one pass (Hugging Face models; the toy LM steps token by token). The output
+  projection is applied only at scored positions, in chunks.
 
 Prompt ids: a target hands the potential the exact prompt ids it sampled from (``Sequences.prompt_ids``, chat
 template included); ``extras["prompt_ids"]`` overrides them. Only a hand-built batch without either falls back to
@@ -34,7 +28,6 @@ re-encoding the prompt text with ``lm.encode`` (exact for plain-text prompts, no
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -43,11 +36,8 @@ from typing import Any
 import torch
 
 from twistlm.errors import ConfigError, PotentialError
-from twistlm.lm import HFLM, ParticleLM
+from twistlm.lm import LMState, ParticleLM
 from twistlm.potentials.base import Potential, Sequences
-
-HEAD_CHUNK_ELEMENTS = 1 << 24
-"""Positions are pushed through the output projection in chunks of at most this many logits (≈ 64 MB in fp32)."""
 
 PROMPT_IDS_KEY = "prompt_ids"
 OBSERVATION_KEY = "observation"
@@ -65,7 +55,7 @@ class ContinuationScorer:
         self.lm = lm
         self.batch_size = batch_size
         self.cache_size = max(0, int(cache_size))
-        self._prefixes: OrderedDict[tuple[int, ...], tuple[Any, torch.Tensor, int]] = OrderedDict()
+        self._prefixes: OrderedDict[tuple[int, ...], LMState] = OrderedDict()
         self.prefills = 0
         """How many prompts have been encoded (for tests: one per distinct prompt while the LRU holds them)."""
 
@@ -91,97 +81,23 @@ class ContinuationScorer:
                 c, a = [conts[i] for i in chunk], [starts[i] for i in chunk]
                 if all(len(ci) <= ai for ci, ai in zip(c, a)):
                     continue  # nothing to score
-                if isinstance(self.lm, HFLM):
-                    values = self._hf_score(key, c, a)
-                else:
-                    values = self._stepwise_score(key, c, a)
-                total[chunk] = values
+                state = self.lm.fork(self._prefix(key), torch.zeros(len(chunk), dtype=torch.long))
+                total[chunk] = self.lm.score_tokens(state, c, a)
         return total
 
-    # ----- Hugging Face fast path -----
-
-    def _prefix(self, key: tuple[int, ...]) -> tuple[Any, torch.Tensor, int]:
-        """(KV cache of the prompt, log p0(· | x), prompt length), computed once per prompt."""
+    def _prefix(self, key: tuple[int, ...]) -> LMState:
+        """The LM state after the prompt (one row), computed once per prompt while the LRU holds it."""
         hit = self._prefixes.get(key)
         if hit is not None:
             self._prefixes.move_to_end(key)
             return hit
         state = self.lm.prefill([list(key)], 1)
         self.prefills += 1
-        entry = (state.backend["cache"], state.logprobs[0], int(state.backend["next_pos"][0]))
         if self.cache_size:
-            self._prefixes[key] = entry
+            self._prefixes[key] = state
             while len(self._prefixes) > self.cache_size:
                 self._prefixes.popitem(last=False)
-        return entry
-
-    @torch.inference_mode()
-    def _hf_score(self, key: tuple[int, ...], conts: list[list[int]], starts: list[int]) -> torch.Tensor:
-        lm: HFLM = self.lm  # type: ignore[assignment]
-        cache0, first_logprobs, plen = self._prefix(key)
-        n, dev = len(conts), lm.device
-        total = torch.zeros(n, dtype=torch.float64)
-        for i, (c, a) in enumerate(zip(conts, starts)):
-            if a <= 0 < len(c):  # c_0 is predicted by the prompt's last position
-                total[i] += float(first_logprobs[c[0]])
-        inputs = [c[:-1] for c in conts]  # the last token is only predicted, never fed
-        width = max(len(x) for x in inputs)
-        if width == 0:
-            return total
-        pad = lm.eos_token_id
-        ids = torch.tensor([x + [pad] * (width - len(x)) for x in inputs], device=dev)
-        cont_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inputs], device=dev)
-        mask = torch.cat([cont_mask.new_ones(n, plen), cont_mask], dim=1)
-        positions = (plen + torch.arange(width, device=dev)).expand(n, width)
-        cache = copy.deepcopy(cache0)  # reorder_cache and the forward update the cache in place
-        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=dev))
-        out = lm._backbone(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{lm._cache_kwarg: cache},
-        )
-        hidden = out.last_hidden_state  # (n, width, H); position j predicts c_{j+1}
-        rows, cols, targets = [], [], []
-        for i, (c, a) in enumerate(zip(conts, starts)):
-            for j in range(max(a, 1), len(c)):
-                rows.append(i)
-                cols.append(j - 1)
-                targets.append(c[j])
-        if not rows:
-            return total
-        rows_t = torch.tensor(rows, device=dev)
-        picked = hidden[rows_t, torch.tensor(cols, device=dev)]  # (M, H)
-        target_t = torch.tensor(targets, device=dev)
-        step = max(1, HEAD_CHUNK_ELEMENTS // lm.vocab_size)
-        logps = []
-        for k in range(0, picked.shape[0], step):
-            logits = lm._head(picked[k : k + step]).float()
-            logps.append(torch.log_softmax(logits, dim=-1).gather(1, target_t[k : k + step, None]).squeeze(1))
-        total.index_add_(0, rows_t.cpu(), torch.cat(logps).double().cpu())
-        return total
-
-    # ----- generic path (any ParticleLM) -----
-
-    @torch.inference_mode()
-    def _stepwise_score(self, key: tuple[int, ...], conts: list[list[int]], starts: list[int]) -> torch.Tensor:
-        lm = self.lm
-        n = len(conts)
-        length = max(len(c) for c in conts)
-        lengths = torch.tensor([len(c) for c in conts])
-        begin = torch.tensor(starts)
-        total = torch.zeros(n, dtype=torch.float64)
-        state = lm.prefill([list(key)], n)
-        self.prefills += 1
-        for j in range(length):
-            tok = torch.tensor([c[j] if j < len(c) else lm.eos_token_id for c in conts], dtype=torch.long)
-            lp = state.logprobs.to(torch.float64).gather(1, tok.to(state.logprobs.device)[:, None]).squeeze(1).cpu()
-            take = (j < lengths) & (j >= begin)
-            total += torch.where(take, lp, torch.zeros_like(lp))
-            if j + 1 < length:
-                state = lm.step(state, tok)
-        return total
+        return state
 
 
 def score_continuations(
@@ -275,6 +191,11 @@ class InfillingPotential(_LMPotential):
 
     def log_phi(self, seqs: Sequences) -> torch.Tensor:
         obs = self.observations(seqs)
+        if seqs.lm_state is not None and seqs.state_rows is not None:
+            # From a sampler: extend copies of the particles' own KV caches by the unfed token(s) and o.
+            state = self.lm.fork(seqs.lm_state, seqs.state_rows)
+            feeds = [list(u) + list(o) for u, o in zip(seqs.unfed, obs)]
+            return self.lm.score_tokens(state, feeds, [len(u) for u in seqs.unfed])
         conts = [list(s) + list(o) for s, o in zip(seqs.token_ids, obs)]
         starts = [len(s) for s in seqs.token_ids]
         return self.scorer(self.prompt_ids(seqs), conts, starts)
@@ -318,7 +239,10 @@ class TemperedPotential(_LMPotential):
         return ids
 
     def log_p0(self, seqs: Sequences) -> torch.Tensor:
-        """log p0(s | x) of each completion (with its finishing EOS when ``max_new_tokens`` is given)."""
+        """log p0(s | x) of each completion: the sampler's own value when it gives one (exact, no recomputation),
+        else scored anew (with the finishing EOS when ``max_new_tokens`` is given)."""
+        if seqs.log_p0 is not None:
+            return seqs.log_p0.to(torch.float64)
         return self.scorer(self.prompt_ids(seqs), [self._with_eos(s) for s in seqs.token_ids])
 
     def log_phi(self, seqs: Sequences) -> torch.Tensor:
