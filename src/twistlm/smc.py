@@ -93,6 +93,8 @@ def run_smc(
     f64 = torch.float64
 
     state = lm.prefill(target.prompt_ids, K)
+    if twist is not None and hasattr(twist, "start"):  # plain nn.Module twists without the hooks are accepted too
+        twist.start(target, K)
     prompt_index = torch.arange(B).repeat_interleave(K)
     tokens = torch.full((N, T), pad, dtype=torch.long)
     finished = torch.zeros(N, dtype=torch.bool)
@@ -200,6 +202,8 @@ def run_smc(
             state = lm.reorder(state, index)
             if tools is not None:
                 tools.reorder(index)
+            if twist is not None and hasattr(twist, "reorder"):
+                twist.reorder(index)
         state = lm.step(state, s)
 
     log_z += log_mean_exp(log_w)

@@ -1,6 +1,22 @@
 """Twists ψ_t: look-ahead values that shape intermediate targets and the twist-induced proposal."""
 
 from twistlm.twists.base import Twist, TwistContext
+from twistlm.twists.conditional import ConditionalTwist
+from twistlm.twists.io import build_twist, load_twist, save_twist
 from twistlm.twists.linear import LinearTwist
+from twistlm.twists.lora import LoRATwist
+from twistlm.twists.mlp import MLPTwist
+from twistlm.twists.tabular import TabularTwist
 
-__all__ = ["LinearTwist", "Twist", "TwistContext"]
+__all__ = [
+    "ConditionalTwist",
+    "LinearTwist",
+    "LoRATwist",
+    "MLPTwist",
+    "TabularTwist",
+    "Twist",
+    "TwistContext",
+    "build_twist",
+    "load_twist",
+    "save_twist",
+]

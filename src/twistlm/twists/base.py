@@ -37,10 +37,18 @@ class TwistContext:
 
 
 class Twist(nn.Module):
-    """Base class: subclasses implement :meth:`log_psi`."""
+    """Base class: subclasses implement :meth:`log_psi`; stateful twists may also implement the sampler hooks."""
 
     def log_psi(self, ctx: TwistContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def start(self, target, num_particles: int) -> None:
+        """Sampler hook, right after the LM's prefill: a run on ``target`` (B·K rows, row b·K + k) begins. Twists
+        with their own state set it up here (the LoRA twist: its KV cache from ``target.prompt_ids``; a conditional
+        twist: its per-prompt conditions from ``target.extras``). Default: nothing."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Sampler hook, right after ``lm.reorder``: row i now holds old row ``index[i]``. Default: nothing."""
 
     def forward(self, ctx: TwistContext) -> torch.Tensor:
         return self.log_psi(ctx)

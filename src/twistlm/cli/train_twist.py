@@ -1,0 +1,186 @@
+"""``twistlm train-twist``: learn a twist ψ for a task with CTL, RL, SIXO or FUDGE and save it.
+
+Flow: validate every cheap option (loss, twist kind, task, numbers) → load the model → build the task's target →
+build an untrained twist of the chosen kind → :class:`~twistlm.training.TwistTrainer` with a progress bar → the output
+folder holds the twist (``twist.safetensors`` + ``twist_config.json``, loadable with
+:func:`twistlm.twists.io.load_twist` or ``twistlm sample --twist DIR``), ``training_config.json``,
+``log_history.json``, ``training_curve.png`` and the ``checkpoint-N`` folders that ``--resume`` continues from.
+
+``--model toy`` uses the seeded toy LM (``ToyLM(vocab_size=5, seed=1)``): a testing aid with the tabular twist.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from twistlm.cli import common
+from twistlm.cli.app import app, console, err_console
+from twistlm.cli.common import EMBEDDED_LABEL, check_model, load_model, parse_options
+from twistlm.errors import ConfigError, TwistLMError
+from twistlm.lm import ParticleLM
+from twistlm.losses import LOSSES, get_loss
+from twistlm.tasks.registry import Task, get_task
+from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainer, TwistTrainingConfig
+from twistlm.twists import io as twist_io
+
+TOY_MODEL = "toy"
+TWIST_KINDS_HELP = "linear | mlp | tabular (toy) | conditional | lora"
+
+
+def _register_twist_loaders() -> None:
+    """Let ``twistlm sample --twist DIR`` load every twist kind (the extension point of cli/common.py)."""
+    twist_io._load_builtin_kinds()
+    for kind in twist_io.TWIST_KINDS:
+        common.TWIST_LOADERS.setdefault(kind, lambda path, lm: twist_io.load_twist(path, lm, allow_other_model=True))
+
+
+_register_twist_loaders()
+
+
+def _load(model: str | None) -> ParticleLM:
+    if model == TOY_MODEL:
+        from twistlm.toy import ToyLM
+
+        return ToyLM(vocab_size=5, seed=1)
+    return load_model(model)
+
+
+def _check_task_options(task: Task, options: dict[str, Any]) -> None:
+    if "max_new_tokens" in options:
+        raise TwistLMError("set the horizon with --max-new-tokens, not as a task option")
+    params = list(inspect.signature(task.build).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(named))
+    if unknown:
+        raise ConfigError(
+            f"task {task.name!r} has no option {unknown[0]!r}; its options: "
+            f"{', '.join(n for n in named if n != 'max_new_tokens') or '(none)'}"
+        )
+
+
+class _ProgressCallback:
+    """A ``TrainerCallback``-style progress bar: steps, and the last logged loss, ESS / K and log Ẑ."""
+
+    def __init__(self, progress: Progress, max_steps: int):
+        self.progress = progress
+        self.bar = progress.add_task("training", total=max_steps, status="loss – · ESS/K – · log Ẑ –")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress.update(self.bar, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(self.bar, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        status = f"loss {logs.get('loss', math.nan):.4g} · ESS/K {logs.get('ess', math.nan):.2f} · "
+        status += f"log Ẑ {logs.get('log_z', math.nan):.3f}"
+        self.progress.update(self.bar, status=status)
+
+
+@app.command("train-twist")
+def train_twist(
+    task: Annotated[str, typer.Option("--task", help="A registered task (see `twistlm tasks`).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (twist, config, curves, checkpoints).")],
+    task_option: Annotated[
+        list[str] | None, typer.Option("--task-option", "-o", help="Task option key=value (repeatable).")
+    ] = None,
+    loss: Annotated[str, typer.Option("--loss", help=" | ".join(LOSSES))] = "ctl",
+    twist_kind: Annotated[str, typer.Option("--twist-kind", help=TWIST_KINDS_HELP)] = "linear",
+    twist_option: Annotated[
+        list[str] | None, typer.Option("--twist-option", help="Twist option key=value, e.g. width=128 (repeatable).")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer updates.")] = 200,
+    particles: Annotated[int, typer.Option("--particles", "-K", help="Negatives per prompt per update.")] = 32,
+    positives: Annotated[str, typer.Option("--positives", help=" | ".join(POSITIVE_SOURCES))] = "smc",
+    proposal: Annotated[
+        str | None, typer.Option("--proposal", help="Negatives from base | twisted (default: the loss's choice).")
+    ] = None,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", "--lr", help="AdamW learning rate.")] = 1e-3,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", "-T", help="Horizon T (default: the task's).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Hub id, model directory, .gguf file, or 'toy' (default: embedded)."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log every N updates.")] = 10,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N updates (0: never).")] = 100,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Train a twist ψ for a task (CTL, RL, SIXO or FUDGE) and save it with its config and training curves."""
+    # Cheap checks first: nothing here loads a model.
+    loss_spec = get_loss(loss)
+    twist_io.get_twist_kind(twist_kind)
+    task_obj = get_task(task)
+    options = parse_options(task_option)
+    _check_task_options(task_obj, options)
+    twist_options = parse_options(twist_option)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if out.exists() and not out.is_dir():
+        raise TwistLMError(f"--out {out} exists and is not a folder")
+    config = TwistTrainingConfig(
+        output_dir=str(out),
+        loss=loss,
+        learning_rate=learning_rate,
+        max_steps=steps,
+        num_particles=particles,
+        proposal=proposal,
+        positives=positives,
+        seed=seed,
+        logging_steps=logging_steps,
+        save_steps=save_steps,
+        resume=resume,
+    )
+    if model != TOY_MODEL:
+        check_model(model)
+
+    if quiet:
+        lm = _load(model)
+    else:
+        with err_console.status(f"loading model {model or EMBEDDED_LABEL} …"):
+            lm = _load(model)
+    target = task_obj.build(lm, max_new_tokens=max_new_tokens, **options)
+    twist_options.setdefault("output", loss_spec.twist_output)
+    twist_options.setdefault("seed", seed)
+    twist = twist_io.build_twist(twist_kind, lm, target, **twist_options)
+    run_info = {
+        "task": task,
+        "task_options": options,
+        "model": model or EMBEDDED_LABEL,
+        "model_name": lm.name,
+        "twist_kind": twist_kind,
+        "twist_options": twist_options,
+        "max_new_tokens": target.max_new_tokens,
+    }
+
+    columns = (
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps · {task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(
+        *columns, console=err_console, transient=True, disable=quiet or not err_console.is_terminal
+    ) as progress:
+        trainer = TwistTrainer(twist, target, config, callbacks=[_ProgressCallback(progress, steps)], run_info=run_info)
+        state = trainer.train()
+    if not quiet:
+        last = state.log_history[-1] if state.log_history else {}
+        summary = " · ".join(f"{k} {last[k]:.4g}" for k in ("loss", "log_z", "ess", "mean_reward") if k in last)
+        console.print(
+            f"trained {twist_kind} twist with {loss} for {state.global_step} steps: {summary}", highlight=False
+        )
+        console.print(f"wrote {out} (twist, training_config.json, {CURVE_NAME})", style="dim", highlight=False)
