@@ -54,7 +54,7 @@ def quiet_transformers() -> None:
 
 def check_model(name: str | None) -> None:
     """Reject a missing local model path or GGUF file without importing transformers."""
-    if name is None:
+    if name is None or name == TOY_MODEL:
         return
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
@@ -68,8 +68,17 @@ def check_model(name: str | None) -> None:
         )
 
 
+TOY_MODEL = "toy"
+"""``--model toy``: the seeded toy LM (vocab 5), a testing aid for running a pipeline end to end in seconds."""
+
+
 def load_model(name: str | None) -> ParticleLM:
-    """Load (once per process) the base model p0: ``None`` is the embedded default; logs and progress bars quiet."""
+    """Load (once per process) the base model p0: ``None`` is the embedded default, ``toy`` the toy LM; logs and
+    progress bars quiet."""
+    if name == TOY_MODEL:
+        from twistlm.toy import ToyLM
+
+        return ToyLM(vocab_size=5, seed=1)
     if name not in _MODEL_CACHE:
         check_model(name)
         quiet_transformers()
@@ -184,3 +193,19 @@ def write_json(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_task_options(task: Any, options: dict[str, Any]) -> None:
+    """Reject options the task's ``build`` cannot take (when its signature says so), before loading the model."""
+    import inspect
+
+    if "max_new_tokens" in options:
+        raise TwistLMError("set the horizon with --max-new-tokens, not as a task option")
+    params = list(inspect.signature(task.build).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(named))
+    if unknown:
+        allowed = ", ".join(n for n in named if n != "max_new_tokens") or "(none)"
+        raise ConfigError(f"task {task.name!r} has no option {unknown[0]!r}; its options: {allowed}")

@@ -9,7 +9,6 @@ pipeline runs in seconds (with small T its targets are enumerated and the exact 
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,16 +18,21 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from twistlm.cli.app import app, console, err_console
-from twistlm.cli.common import check_model, check_twist, load_model, load_twist, parse_options
+from twistlm.cli.common import (
+    TOY_MODEL,
+    check_model,
+    check_task_options,
+    check_twist,
+    load_model,
+    load_twist,
+    parse_options,
+)
 from twistlm.errors import ConfigError, TwistLMError
-from twistlm.lm import ParticleLM
 from twistlm.report import EXACT_METHODS, write_report
 from twistlm.report import evaluate as run_evaluation
 from twistlm.resampling import RESAMPLERS
-from twistlm.tasks.registry import Task, get_task
+from twistlm.tasks.registry import get_task
 
-TOY_MODEL = "toy"
-"""``--model toy``: the seeded toy LM (vocab 5), a testing aid for running the pipeline end to end quickly."""
 DEFAULT_PARTICLES = "1,4,16,64,256"
 
 
@@ -40,26 +44,6 @@ def _parse_particles(text: str) -> list[int]:
     if not counts or counts[0] < 1:
         raise ConfigError(f"--particles must be positive integers, got {text!r}")
     return counts
-
-
-def _check_task_options(task: Task, options: dict[str, Any]) -> None:
-    if "max_new_tokens" in options:
-        raise TwistLMError("set the horizon with --max-new-tokens, not as a task option")
-    params = list(inspect.signature(task.build).parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    named = {p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    unknown = sorted(set(options) - named)
-    if unknown:
-        raise ConfigError(f"task {task.name!r} has no option {unknown[0]!r}")
-
-
-def _load_lm(model: str | None) -> ParticleLM:
-    if model == TOY_MODEL:
-        from twistlm.toy import ToyLM
-
-        return ToyLM(vocab_size=5, seed=1)
-    return load_model(model)
 
 
 def _twist_names(paths: list[Path]) -> list[str]:
@@ -152,17 +136,17 @@ def evaluate(
     for path in twists:
         check_twist(path)
     task_obj = get_task(task)
-    _check_task_options(task_obj, options)
+    check_task_options(task_obj, options)
     if model != TOY_MODEL:
         check_model(model)
     if out.exists() and not out.is_dir():
         raise TwistLMError(f"--out {out} exists and is not a folder")
 
     if quiet:
-        lm = _load_lm(model)
+        lm = load_model(model)
     else:
         with err_console.status(f"loading model {model or 'embedded'} …"):
-            lm = _load_lm(model)
+            lm = load_model(model)
     target = task_obj.build(lm, max_new_tokens=max_new_tokens, **options)
     proposals: dict[str, Any] = {"base": "base"}
     for name, path in zip(_twist_names(twists), twists):

@@ -7,7 +7,6 @@ with their normalised weights, log Ẑ and the ESS trace; optionally write every
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from twistlm.cli.app import app, console, err_console
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     check_model,
+    check_task_options,
     check_twist,
     check_writable,
     load_model,
@@ -86,20 +86,6 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None, chat: bool) -> Pr
         if not prompt.strip():
             raise TwistLMError(f"prompt file is empty: {prompt_file}")
     return [{"role": "user", "content": prompt}] if chat else prompt
-
-
-def _check_task_options(task: Task, options: dict[str, Any]) -> None:
-    """Reject options the task's ``build`` cannot take (when its signature says so), before loading the model."""
-    if "max_new_tokens" in options:
-        raise TwistLMError("set the horizon with --max-new-tokens, not as a task option")
-    params = list(inspect.signature(task.build).parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    named = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(options) - set(named))
-    if unknown:
-        allowed = ", ".join(n for n in named if n != "max_new_tokens") or "(none)"
-        raise ConfigError(f"task {task.name!r} has no option {unknown[0]!r}; its options: {allowed}")
 
 
 def _check_numbers(particles: int, max_new_tokens: int | None, ess_threshold: float, top: int) -> None:
@@ -380,7 +366,7 @@ def _resolve_inputs(
     if given:
         raise TwistLMError(f"--task supplies the prompt and potential; drop {', '.join(given)}")
     task_obj = get_task(task)
-    _check_task_options(task_obj, options)
+    check_task_options(task_obj, options)
     return task_obj, None, None
 
 

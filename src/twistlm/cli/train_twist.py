@@ -11,25 +11,22 @@ folder holds the twist (``twist.safetensors`` + ``twist_config.json``, loadable 
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from twistlm.cli import common
 from twistlm.cli.app import app, console, err_console
-from twistlm.cli.common import EMBEDDED_LABEL, check_model, load_model, parse_options
+from twistlm.cli.common import EMBEDDED_LABEL, TOY_MODEL, check_model, check_task_options, load_model, parse_options
 from twistlm.errors import ConfigError, TwistLMError
-from twistlm.lm import ParticleLM
 from twistlm.losses import LOSSES, get_loss
-from twistlm.tasks.registry import Task, get_task
+from twistlm.tasks.registry import get_task
 from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainer, TwistTrainingConfig
 from twistlm.twists import io as twist_io
 
-TOY_MODEL = "toy"
 TWIST_KINDS_HELP = "linear | mlp | tabular (toy) | conditional | lora"
 
 
@@ -41,29 +38,6 @@ def _register_twist_loaders() -> None:
 
 
 _register_twist_loaders()
-
-
-def _load(model: str | None) -> ParticleLM:
-    if model == TOY_MODEL:
-        from twistlm.toy import ToyLM
-
-        return ToyLM(vocab_size=5, seed=1)
-    return load_model(model)
-
-
-def _check_task_options(task: Task, options: dict[str, Any]) -> None:
-    if "max_new_tokens" in options:
-        raise TwistLMError("set the horizon with --max-new-tokens, not as a task option")
-    params = list(inspect.signature(task.build).parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    named = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(options) - set(named))
-    if unknown:
-        raise ConfigError(
-            f"task {task.name!r} has no option {unknown[0]!r}; its options: "
-            f"{', '.join(n for n in named if n != 'max_new_tokens') or '(none)'}"
-        )
 
 
 class _ProgressCallback:
@@ -124,7 +98,7 @@ def train_twist(
     twist_io.get_twist_kind(twist_kind)
     task_obj = get_task(task)
     options = parse_options(task_option)
-    _check_task_options(task_obj, options)
+    check_task_options(task_obj, options)
     twist_options = parse_options(twist_option)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -147,10 +121,10 @@ def train_twist(
         check_model(model)
 
     if quiet:
-        lm = _load(model)
+        lm = load_model(model)
     else:
         with err_console.status(f"loading model {model or EMBEDDED_LABEL} …"):
-            lm = _load(model)
+            lm = load_model(model)
     target = task_obj.build(lm, max_new_tokens=max_new_tokens, **options)
     twist_options.setdefault("output", loss_spec.twist_output)
     twist_options.setdefault("seed", seed)
