@@ -26,5 +26,5 @@ def list_tasks() -> None:
         for i, (key, help_text) in enumerate(task.options.items()):
             options.append(("\n" if i else "") + key, style="bold")
             options.append(f": {help_text}")
-        table.add_row(name, task.description, options if task.options else Text("—", style="dim"))
+        table.add_row(name, Text(task.description), options if task.options else Text("—", style="dim"))
     console.print(table)

@@ -7,8 +7,9 @@ A task turns a user's goal ("toxic continuations", "1-star reviews", "infill the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM

@@ -1,0 +1,95 @@
+"""``gsm8k``: grade-school math word problems with the GRPO recipe's rewards as the potential.
+
+Prompt: chat messages — the recipe's system prompt (:data:`~twistlm.potentials.gsm8k_rewards.SYSTEM_PROMPT`, asking
+for ``<reasoning>…</reasoning><answer>…</answer>``) and the question as the user message, rendered with the model's
+chat template. Potential: :func:`~twistlm.potentials.gsm8k_potential`, φ(s) = exp(β · (Σ rewards − 4)): the five
+rewards (correctness 2.0, integer answer 0.5, strict and soft format 0.5 each, XML tag count ≤ 0.5) with the gold
+answer from ``target.extras["answer"]``; shifted by the maximum 4.0 so that φ ≤ 1 (bounded: rejection sampling
+works; σ is unchanged by the shift). ``variant=corrected`` (default) or ``recipe`` (the recipe's regex bugs kept).
+
+Data: ``data=PATH`` a GSM8K JSONL (``{"question", "answer"}`` with ``#### <gold>``; ``twistlm.data.load_gsm8k``),
+``data=hf`` the Hugging Face hub's ``openai/gsm8k`` (needs ``datasets`` and a network; ``split`` picks the split),
+none: a built-in question (hand-written). ``index`` picks the first problem. Default horizon T = 128 (a short
+chain of thought; the recipe allows 200+, which is slow on CPU).
+
+Goal (:func:`success`): the answer between the last ``<answer>`` tags equals the gold number (after removing commas,
+``$`` and a trailing ``.``), i.e. the corrected correctness reward fires.
+"""
+
+from __future__ import annotations
+
+from twistlm.data import load_gsm8k, load_gsm8k_hf
+from twistlm.errors import ConfigError
+from twistlm.lm import ParticleLM
+from twistlm.potentials import gsm8k_potential
+from twistlm.potentials.gsm8k_rewards import SYSTEM_PROMPT, corrected_correctness_reward_func
+from twistlm.target import Target
+from twistlm.tasks.common import Option, define_task, select_examples
+
+DEFAULT_MAX_NEW_TOKENS = 128
+ANSWER_KEY = "answer"
+HUB_DATA = "hf"
+
+BUILTIN_PROBLEMS = (
+    ("Tom has 3 boxes with 4 apples in each box. He eats 2 apples. How many apples does he have left?", "10"),
+    ("A pencil costs $2 and a notebook costs $5. How much do 3 pencils and 2 notebooks cost in dollars?", "16"),
+)
+"""(question, gold) pairs used without a data file. Hand-written, in GSM8K's style."""
+
+OPTIONS = {
+    "data": Option(
+        None, "GSM8K JSONL path, or 'hf' for openai/gsm8k from the hub (needs `datasets`)", str, optional=True
+    ),
+    "index": Option(0, "first problem", int, minimum=0),
+    "split": Option("test", "split of the hub data set (data=hf only)", str),
+    "variant": Option("corrected", "reward variant", str, choices=("corrected", "recipe")),
+    "beta": Option(1.0, "φ = exp(beta · (Σ rewards − 4))", float, minimum=0.0),
+}
+
+
+def messages_for(question: str) -> list[dict[str, str]]:
+    """The chat prompt: the recipe's system prompt and the question."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def build(
+    lm: ParticleLM, T: int, B: int, *, data: str | None, index: int, split: str, variant: str, beta: float
+) -> Target:
+    if data is None:
+        if split != "test":
+            raise ConfigError("task 'gsm8k': split is for data=hf")
+        rows = select_examples("gsm8k", BUILTIN_PROBLEMS, index, B, "the built-in problem list")
+    else:
+        if data == HUB_DATA:
+            examples = load_gsm8k_hf(split=split, limit=index + B)
+            source = f"openai/gsm8k {split}"
+        else:
+            if split != "test":
+                raise ConfigError("task 'gsm8k': split is for data=hf")
+            examples = load_gsm8k(data, limit=index + B)
+            source = data
+        rows = [(e.question, e.gold) for e in select_examples("gsm8k", examples, index, B, source)]
+    return Target(
+        lm,
+        prompts=[messages_for(q) for q, _ in rows],
+        potential=gsm8k_potential(variant, beta=beta, bounded=True),
+        max_new_tokens=T,
+        extras={ANSWER_KEY: [gold for _, gold in rows]},
+    )
+
+
+def success(target: Target, texts: list[str], prompt_index: list[int]) -> list[bool]:
+    """The goal: the ``<answer>`` equals the gold number (corrected comparison)."""
+    golds = [target.extras[ANSWER_KEY][b] for b in prompt_index]
+    rewards = corrected_correctness_reward_func([None] * len(texts), list(texts), answer=golds)
+    return [r > 0 for r in rewards]
+
+
+TASK = define_task(
+    "gsm8k",
+    "GSM8K word problems, chat prompt with the GRPO recipe's system prompt; φ = exp(β·(Σ recipe rewards − 4)).",
+    OPTIONS,
+    build,
+    DEFAULT_MAX_NEW_TOKENS,
+    success,
+)
