@@ -84,8 +84,8 @@ def test_calculator_tool_on_the_real_model(smol):
     """Every "<expression> =" the model writes is followed by the calculator's value, which it did not sample."""
     from twistlm.tasks.calculator import apply_calculator
 
-    prompt = "2 + 2 = 4\n3 + 5 = 8\n9 - 4 = 5\n"
-    target = twistlm.Target(smol, prompt=prompt, max_new_tokens=24, tool=CalculatorTool())
+    prompt = "Q: 2 + 2 - 1\nA: 2 + 2 = 4, 4 - 1 = 3\nQ: 5 + 3 - 2\nA: 5 + 3 = 8, 8 - 2 = 6\nQ: 7 - 1 + 4\nA:"
+    target = twistlm.Target(smol, prompt=prompt, max_new_tokens=16, tool=CalculatorTool())
     res = twistlm.sis(target, 8, seed=0)
     checked = 0
     for text in res.texts:

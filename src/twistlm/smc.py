@@ -25,7 +25,7 @@ import torch
 
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.resampling import ess as compute_ess
-from twistlm.resampling import get_resampler, log_mean_exp, multinomial
+from twistlm.resampling import categorical, get_resampler, log_mean_exp, multinomial
 from twistlm.result import SMCResult
 from twistlm.target import Target
 from twistlm.tools import ToolQueue
@@ -125,7 +125,7 @@ def run_smc(
         else:
             probs = torch.exp(logp0)
         # Token draws happen where the model lives; the bookkeeping (weights, tokens, ancestry) stays on the CPU.
-        s = torch.multinomial(probs, 1, generator=token_gen).squeeze(1).cpu()
+        s = categorical(probs, token_gen).cpu()
         if ref is not None:
             s[ref.rows] = ref.tokens[:, t - 1]
         forced = tools.force(s, active) if tools is not None else None
