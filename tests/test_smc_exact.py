@@ -50,9 +50,9 @@ def random_twist(lm, seed=3):
 
 
 SAMPLERS = {
-    "smc_base": lambda lm: dict(proposal="base"),
-    "smc_twisted": lambda lm: dict(proposal="twisted", twist=random_twist(lm)),
-    "smc_base_with_twist_targets": lambda lm: dict(proposal="base", twist=random_twist(lm)),
+    "smc_base": lambda lm: {"proposal": "base"},
+    "smc_twisted": lambda lm: {"proposal": "twisted", "twist": random_twist(lm)},
+    "smc_base_with_twist_targets": lambda lm: {"proposal": "base", "twist": random_twist(lm)},
 }
 
 
@@ -88,7 +88,7 @@ def test_adaptive_resampling_is_unbiased(toy):
 @pytest.mark.parametrize("sampler", ["sis", "smc_twisted"])
 def test_log_z_is_a_lower_bound_whose_gap_shrinks_with_k(toy, sampler):
     exact = enumerate_target(make_target(toy, soft_potential))
-    kwargs = dict(ess_threshold=0.0) if sampler == "sis" else dict(proposal="twisted", twist=random_twist(toy))
+    kwargs = {"ess_threshold": 0.0} if sampler == "sis" else {"proposal": "twisted", "twist": random_twist(toy)}
     means, ses = [], []
     for k in (1, 4, 16):
         lz = log_zs(twistlm.run_smc(make_target(toy, soft_potential, 1000), k, seed=k, **kwargs))
@@ -216,11 +216,11 @@ def test_conditional_smc_keeps_the_reference(toy):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_particles=0), "num_particles"),
-        (dict(proposal="magic"), "unknown proposal"),
-        (dict(proposal="twisted"), "needs a twist"),
-        (dict(resampler="bogus"), "unknown resampler"),
-        (dict(ess_threshold=1.5), "ess_threshold"),
+        ({"num_particles": 0}, "num_particles"),
+        ({"proposal": "magic"}, "unknown proposal"),
+        ({"proposal": "twisted"}, "needs a twist"),
+        ({"resampler": "bogus"}, "unknown resampler"),
+        ({"ess_threshold": 1.5}, "ess_threshold"),
     ],
 )
 def test_bad_arguments_are_clear_errors(toy, kwargs, message):

@@ -11,7 +11,7 @@ Schemes are registered in :data:`RESAMPLERS` by name; all randomness comes from 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

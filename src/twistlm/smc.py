@@ -19,13 +19,13 @@ With ``target.tool`` (see :mod:`twistlm.tools`), tokens a tool returns are force
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from twistlm.errors import ConfigError, TwistLMError
-from twistlm.resampling import ess as compute_ess
 from twistlm.resampling import categorical, get_resampler, log_mean_exp, multinomial
+from twistlm.resampling import ess as compute_ess
 from twistlm.result import SMCResult
 from twistlm.target import Target
 from twistlm.tools import ToolQueue
@@ -117,11 +117,13 @@ def run_smc(
             ctx = TwistContext(state.hidden, tokens[:, : t - 1], t, T, prompt_index)
             log_psi = twist.log_psi(ctx).to(device=logp0.device, dtype=logp0.dtype)
         if proposal == "twisted":
-            logits_q = torch.where(active_dev[:, None], logp0 + log_psi, logp0)
+            logits_q = logp0 + log_psi
+            if not bool(active.all()):  # finished rows: any valid distribution (their draw is discarded)
+                logits_q[~active_dev] = logp0[~active_dev]
             log_zt = torch.logsumexp(logits_q, dim=-1)
             if torch.isneginf(log_zt[active_dev]).any():
                 raise TwistLMError(f"the twist gives ψ = 0 to every token at step {t}: the proposal is undefined")
-            probs = torch.exp(logits_q - log_zt[:, None])
+            probs = logits_q.sub_(log_zt[:, None]).exp_()  # in place: one (N, V) buffer fewer at large K
         else:
             probs = torch.exp(logp0)
         # Token draws happen where the model lives; the bookkeeping (weights, tokens, ancestry) stays on the CPU.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from twistlm.errors import ConfigError, PromptTooLongError
 from twistlm.lm import ParticleLM, Prompt
@@ -57,7 +58,7 @@ class Target:
         for name, values in self.extras.items():
             if len(values) != len(self.prompts):
                 raise ConfigError(f"extras[{name!r}] has {len(values)} entries for {len(self.prompts)} prompts")
-        stops = set(int(t) for t in self.stop_token_ids)
+        stops = {int(t) for t in self.stop_token_ids}
         if self.stop_at_eos:
             stops.add(self.lm.eos_token_id)
         self.stop_ids = sorted(stops)

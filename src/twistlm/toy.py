@@ -9,7 +9,7 @@ can be listed (see :mod:`twistlm.exact`).
 from __future__ import annotations
 
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -32,7 +32,7 @@ class LinearTwist(Twist):
         self.base_model = base_model
 
     @classmethod
-    def for_lm(cls, lm: ParticleLM, init_scale: float = 0.0, seed: int = 0) -> "LinearTwist":
+    def for_lm(cls, lm: ParticleLM, init_scale: float = 0.0, seed: int = 0) -> LinearTwist:
         """A head sized for ``lm``: zeros (ψ ≡ 1, so twisted SMC = base SMC) or N(0, init_scale²) weights."""
         twist = cls(lm.hidden_size, lm.vocab_size, base_model=lm.name)
         with torch.no_grad():
@@ -66,7 +66,7 @@ class LinearTwist(Twist):
         (directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, lm: ParticleLM | None = None) -> "LinearTwist":
+    def from_pretrained(cls, directory: str | os.PathLike, lm: ParticleLM | None = None) -> LinearTwist:
         from safetensors.torch import load_file
 
         directory = Path(directory)
