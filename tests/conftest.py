@@ -30,3 +30,15 @@ def toy():
     import twistlm
 
     return twistlm.ToyLM(vocab_size=5, hidden_size=8, seed=1)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread during a test (restored afterwards): the toy problems and K = 4 runs gain nothing
+    from threads, and on a busy 2-core machine oversubscribed threads made such runs 20-100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

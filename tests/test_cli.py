@@ -204,20 +204,7 @@ def test_parse_options_and_json_helpers(tmp_path):
 
 
 @pytest.fixture
-def single_thread():
-    """One torch thread for the duration of a test (restored after).
-
-    K = 4 rows gain nothing from intra-op threads, and on a busy shared machine oversubscribed threads made these
-    runs 20-100x slower (0.35 s vs 8-38 s for K=4, T=6).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def cached_smol(smol, monkeypatch, single_thread):
+def cached_smol(smol, monkeypatch, one_thread):
     """The CLI's model cache pre-filled with the session's embedded model (no second load)."""
     monkeypatch.setitem(common._MODEL_CACHE, None, smol)
     return smol
@@ -272,7 +259,7 @@ def test_end_to_end_subprocess(smol, tmp_path):
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT_S,
-        env={**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "1"},  # see single_thread
+        env={**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "1"},  # see one_thread
     )
     assert proc.returncode == 0, proc.stderr
     assert "Loading weights" not in proc.stderr and "Traceback" not in proc.stderr

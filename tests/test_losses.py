@@ -44,6 +44,8 @@ from twistlm.twists.tabular import TabularTwist
 T = 4
 KL_GOAL = 0.05
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class SoftB(Potential):
     """φ(s) = (0.02 + 0.98·1['b' ∈ s]) · (0.3 + 0.7·1[|s| ≥ 2]) ∈ (0, 1]: σ is far from p0 (KL(σ‖p0) ≈ 1.14)."""
@@ -61,15 +63,6 @@ class Unbounded(Potential):
 
     def log_phi(self, seqs):
         return torch.tensor([0.5 * len(ids) for ids in seqs.token_ids], dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared machine (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

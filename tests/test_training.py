@@ -35,6 +35,8 @@ SAMPLER_HOOKS = hasattr(twistlm.Twist, "start")
 """Whether the samplers call the twist hooks ``start`` / ``reorder`` (proposed for smc.py / twists/base.py)."""
 USAGE_ERROR = 2
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class SoftLetter(Potential):
     """φ(s) = 0.02 + 0.98·1[letter in s], the letter given per prompt by extras["label"] (0 → 'b', 1 → 'c')."""
@@ -55,14 +57,6 @@ class Unbounded(Potential):
 
     def log_phi(self, seqs):
         return torch.tensor([0.3 * len(ids) for ids in seqs.token_ids], dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
