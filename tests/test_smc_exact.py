@@ -227,3 +227,13 @@ def test_bad_arguments_are_clear_errors(toy, kwargs, message):
     kwargs = {"num_particles": 4, **kwargs}
     with pytest.raises(ConfigError, match=message):
         twistlm.smc(make_target(toy, None), **kwargs)
+
+
+def test_one_particle_smc_equals_sis_and_accepts_a_reference(toy):
+    target = make_target(toy, soft_potential, runs=3)
+    a = twistlm.run_smc(target, 1, ess_threshold=1.0, seed=3)
+    b = twistlm.run_smc(target, 1, ess_threshold=0.0, seed=3)
+    assert [r.log_z for r in a] == pytest.approx([r.log_z for r in b])
+    ref = [[1, toy.eos_token_id]] * 3
+    c = twistlm.run_smc(target, 1, reference=ref, ess_threshold=1.0)
+    assert all(r.token_ids[0] == ref[0] for r in c)

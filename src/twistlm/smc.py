@@ -106,7 +106,8 @@ def run_smc(
     log_p0 = torch.zeros(N, dtype=f64)  # log p0(s_1:t | x) of the sampled tokens, handed to potentials
     ess_trace: list[torch.Tensor] = []
     events: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(B)]
-    every_step, never = ess_threshold >= 1.0, ess_threshold <= 0.0
+    # With one particle resampling is the identity (and log Ẑ the same either way): skip it.
+    every_step, never = ess_threshold >= 1.0, ess_threshold <= 0.0 or K == 1
 
     for t in range(1, T + 1):
         active = ~finished
