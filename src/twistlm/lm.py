@@ -203,7 +203,8 @@ class HFLM(ParticleLM):
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache):
+    def _hidden_states(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Last-layer hidden states (n, L, H) of the new positions; ``cache`` is extended in place."""
         out = self._backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -211,7 +212,10 @@ class HFLM(ParticleLM):
             use_cache=True,
             **{self._cache_kwarg: cache},
         )
-        hidden = out.last_hidden_state[:, -1]
+        return out.last_hidden_state
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        hidden = self._hidden_states(input_ids, attention_mask, position_ids, cache)[:, -1]
         logprobs = torch.log_softmax(self._head(hidden).float(), dim=-1)
         return hidden.float(), logprobs, cache  # the cache object is updated in place
 
@@ -287,15 +291,9 @@ class HFLM(ParticleLM):
         cont_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inputs], device=dev)
         past = b["mask"] if b["mask"] is not None else cont_mask.new_ones(n, int(b["next_pos"].max()))
         positions = b["next_pos"][:, None] + torch.arange(width, device=dev)
-        out = self._backbone(
-            input_ids=ids,
-            attention_mask=torch.cat([past, cont_mask], dim=1),
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_kwarg: b["cache"]},
-        )
+        states = self._hidden_states(ids, torch.cat([past, cont_mask], dim=1), positions, b["cache"])
         rows_t = torch.tensor([p[0] for p in picks], device=dev)
-        hidden = out.last_hidden_state[rows_t, torch.tensor([p[1] for p in picks], device=dev)]  # (M, H)
+        hidden = states[rows_t, torch.tensor([p[1] for p in picks], device=dev)]  # (M, H)
         targets = torch.tensor([p[2] for p in picks], device=dev)
         chunk = max(1, HEAD_CHUNK_ELEMENTS // self.vocab_size)
         logps = [

@@ -49,14 +49,7 @@ class _HiddenOnlyLM(HFLM):
     """HFLM's KV-cached prefill/step/reorder over a model, returning hidden states only (no (N, V) logits)."""
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
-        out = self._backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-        )
-        hidden = out.last_hidden_state[:, -1]
+        hidden = self._hidden_states(input_ids, attention_mask, position_ids, cache)[:, -1]
         return hidden, hidden.new_zeros(hidden.shape[0], 0), cache
 
 
