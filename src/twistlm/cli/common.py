@@ -10,23 +10,15 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twistlm.errors import ConfigError, ModelLoadError, TwistLMError
 from twistlm.lm import ParticleLM, load_lm
 from twistlm.twists.base import Twist
-from twistlm.twists.linear import CONFIG_NAME, LinearTwist
 
 EMBEDDED_LABEL = "embedded"
 """How the CLI names the default model (``--model`` not given)."""
-
-TWIST_LOADERS: dict[str, Callable[[Path, ParticleLM], Twist]] = {
-    LinearTwist.kind: lambda path, lm: LinearTwist.from_pretrained(path, lm),
-}
-"""Fallback twist loaders by kind (the ``kind`` field of ``twist_config.json``), used only where the kind registry
-:mod:`twistlm.twists.io` is absent; with it, every kind registered there loads."""
 
 _MODEL_CACHE: dict[str | None, ParticleLM] = {}
 
@@ -89,43 +81,24 @@ def load_model(name: str | None) -> ParticleLM:
 # --------------------------------------------------------------------------------------------------------- twists
 
 
-def _twist_io():
-    """The twist-kind registry :mod:`twistlm.twists.io` (every kind), or None where it is not installed."""
-    try:
-        from twistlm.twists import io
-    except ImportError:
-        return None
-    return io
-
-
 def check_twist(path: Path) -> str:
     """The kind of the twist saved in ``path`` (its config read, the kind checked to be known); no weights are read."""
+    from twistlm.twists import io
+
     if not path.is_dir():
         raise ConfigError(f"twist directory not found: {path}")
-    io = _twist_io()
-    if io is not None:
-        kind = str(io.read_config(path).get("kind"))
-        io.get_twist_kind(kind)
-        return kind
-    config = path / CONFIG_NAME
-    if not config.is_file():
-        raise ConfigError(f"no twist found in {path} (missing {CONFIG_NAME})")
-    try:
-        kind = json.loads(config.read_text()).get("kind")
-    except (json.JSONDecodeError, AttributeError, OSError) as exc:
-        raise ConfigError(f"unreadable twist config {config}: {exc}") from exc
-    if kind not in TWIST_LOADERS:
-        raise ConfigError(f"twist in {path} is of unknown kind {kind!r}; known kinds: {', '.join(TWIST_LOADERS)}")
+    kind = str(io.read_config(path).get("kind"))
+    io.get_twist_kind(kind)
     return kind
 
 
 def load_twist(path: str | os.PathLike, lm: ParticleLM) -> Twist:
-    """Load the twist saved in directory ``path`` for base model ``lm``, dispatching on its ``kind``."""
+    """Load the twist saved in directory ``path`` for base model ``lm`` (any registered kind)."""
+    from twistlm.twists import io
+
     path = Path(path).expanduser()
-    kind = check_twist(path)
-    io = _twist_io()
-    twist = io.load_twist(path, lm) if io is not None else TWIST_LOADERS[kind](path, lm)
-    return twist.eval()
+    check_twist(path)
+    return io.load_twist(path, lm).eval()
 
 
 # -------------------------------------------------------------------------------------------------------- options

@@ -18,7 +18,6 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from twistlm.cli import common
 from twistlm.cli.app import app, console, err_console
 from twistlm.cli.common import EMBEDDED_LABEL, TOY_MODEL, check_model, check_task_options, load_model, parse_options
 from twistlm.errors import ConfigError, TwistLMError
@@ -28,16 +27,6 @@ from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainer, TwistTr
 from twistlm.twists import io as twist_io
 
 TWIST_KINDS_HELP = "linear | mlp | tabular (toy) | conditional | lora"
-
-
-def _register_twist_loaders() -> None:
-    """Let ``twistlm sample --twist DIR`` load every twist kind (the extension point of cli/common.py)."""
-    twist_io._load_builtin_kinds()
-    for kind in twist_io.TWIST_KINDS:
-        common.TWIST_LOADERS.setdefault(kind, lambda path, lm: twist_io.load_twist(path, lm, allow_other_model=True))
-
-
-_register_twist_loaders()
 
 
 class _ProgressCallback:

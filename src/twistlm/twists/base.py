@@ -50,5 +50,15 @@ class Twist(nn.Module):
     def reorder(self, index: torch.Tensor) -> None:
         """Sampler hook, right after ``lm.reorder``: row i now holds old row ``index[i]``. Default: nothing."""
 
+    def config(self) -> dict:  # pragma: no cover - abstract
+        """``kind`` and the constructor arguments, as saved in ``twist_config.json`` (see :mod:`twistlm.twists.io`)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, directory) -> None:
+        """Save the twist's own tensors and :meth:`config` (each file written atomically)."""
+        from twistlm.twists.io import save_weights, twist_state_dict
+
+        save_weights(directory, twist_state_dict(self), self.config())
+
     def forward(self, ctx: TwistContext) -> torch.Tensor:
         return self.log_psi(ctx)

@@ -26,7 +26,7 @@ from torch import nn
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.lm import HFLM, ParticleLM
 from twistlm.twists.base import Twist, TwistContext
-from twistlm.twists.io import check_compatible, load_twist_state, max_index, read_config, read_weights, save_weights
+from twistlm.twists.io import check_compatible, load_twist_state, max_index, read_config, read_weights
 from twistlm.twists.mlp import apply_output, check_output, init_last_layer, mlp_layers, seeded_init
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,9 +205,6 @@ class ConditionalTwist(Twist):
             "dtype": str(self.net[-1].weight.dtype).removeprefix("torch."),
             "base_model": self.base_model,
         }
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_weights(directory, dict(self.state_dict()), self.config())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, lm: ParticleLM | None = None) -> ConditionalTwist:

@@ -6,19 +6,14 @@ twist trained for another model is refused with a clear error).
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM
 from twistlm.twists.base import Twist, TwistContext
-
-CONFIG_NAME = "twist_config.json"
-WEIGHTS_NAME = "twist.safetensors"
+from twistlm.twists.io import check_compatible, load_twist_state, read_config, read_weights
 
 
 class LinearTwist(Twist):
@@ -55,31 +50,10 @@ class LinearTwist(Twist):
             "base_model": self.base_model,
         }
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        os.replace(tmp, directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
-
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, lm: ParticleLM | None = None) -> LinearTwist:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file():
-            raise ConfigError(f"no twist found in {directory} (missing {CONFIG_NAME})")
-        cfg = json.loads((directory / CONFIG_NAME).read_text())
-        if cfg.get("kind") != cls.kind:
-            raise ConfigError(f"twist in {directory} is of kind {cfg.get('kind')!r}, not {cls.kind!r}")
-        if lm is not None and (cfg["vocab_size"], cfg["hidden_size"]) != (lm.vocab_size, lm.hidden_size):
-            raise ConfigError(
-                f"twist in {directory} was trained for {cfg.get('base_model')!r} (vocab {cfg['vocab_size']}, hidden "
-                f"{cfg['hidden_size']}), not for this model (vocab {lm.vocab_size}, hidden {lm.hidden_size})"
-            )
+        cfg = read_config(directory, cls.kind)
+        check_compatible(cfg, lm, directory)
         twist = cls(cfg["hidden_size"], cfg["vocab_size"], base_model=cfg.get("base_model", ""))
-        twist.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        load_twist_state(twist, read_weights(directory))
         return twist.to(lm.device) if lm is not None else twist

@@ -37,7 +37,7 @@ from twistlm.errors import ConfigError, TwistLMError
 from twistlm.lm import HFLM, LMState, ParticleLM
 from twistlm.twists.base import Twist, TwistContext
 from twistlm.twists.features import hf_prefix_hidden
-from twistlm.twists.io import check_compatible, load_twist_state, max_index, read_config, read_weights, save_weights
+from twistlm.twists.io import check_compatible, load_twist_state, max_index, read_config, read_weights
 from twistlm.twists.mlp import apply_output, check_output, seeded_init
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -214,9 +214,6 @@ class LoRATwist(Twist):
             "output": self.output,
             "base_model": self.base_model,
         }
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_weights(directory, self.twist_state_dict(), self.config())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, lm: ParticleLM | None = None) -> LoRATwist:

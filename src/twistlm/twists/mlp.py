@@ -19,7 +19,7 @@ from torch import nn
 from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM
 from twistlm.twists.base import Twist, TwistContext
-from twistlm.twists.io import check_compatible, load_twist_state, read_config, read_weights, save_weights
+from twistlm.twists.io import check_compatible, load_twist_state, read_config, read_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from twistlm.twists.features import PrefixFeatures
@@ -131,9 +131,6 @@ class MLPTwist(Twist):
             "dtype": str(self._param.dtype).removeprefix("torch."),
             "base_model": self.base_model,
         }
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_weights(directory, dict(self.state_dict()), self.config())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, lm: ParticleLM | None = None) -> MLPTwist:

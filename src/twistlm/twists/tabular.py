@@ -24,7 +24,7 @@ from torch import nn
 from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM
 from twistlm.twists.base import Twist, TwistContext
-from twistlm.twists.io import check_compatible, load_twist_state, max_index, read_config, read_weights, save_weights
+from twistlm.twists.io import check_compatible, load_twist_state, max_index, read_config, read_weights
 from twistlm.twists.mlp import apply_output, check_output
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,9 +139,6 @@ class TabularTwist(Twist):
             "dtype": str(self.table.dtype).removeprefix("torch."),
             "base_model": self.base_model,
         }
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_weights(directory, dict(self.state_dict()), self.config())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, lm: ParticleLM | None = None) -> TabularTwist:
