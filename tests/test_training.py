@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import twistlm
-from twistlm import HFLM, LinearTwist, Target, enumerate_target, run_smc
+from twistlm import HFLM, LinearTwist, Target, TwistContext, enumerate_target, run_smc
 from twistlm.cli import common, run_app
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.potentials.base import Potential
@@ -240,7 +240,7 @@ def test_callbacks_can_stop_training(target, capsys):
     assert "'step': 5" in capsys.readouterr().out  # Hugging Face's PrinterCallback printed the log
 
 
-def _kill_resume_setup(out: str, resume: bool, max_steps: int = 12):
+def _kill_resume_setup(out: str, resume: bool, max_steps: int = 12, positives: str = "smc"):
     """The run of the kill-and-resume test (also imported by its subprocess)."""
     torch.set_num_threads(1)
     lm = twistlm.ToyLM(vocab_size=5, seed=1)
@@ -252,7 +252,7 @@ def _kill_resume_setup(out: str, resume: bool, max_steps: int = 12):
         learning_rate=0.1,
         max_steps=max_steps,
         num_particles=8,
-        positives="smc",
+        positives=positives,
         seed=7,
         logging_steps=2,
         save_steps=4,
@@ -276,17 +276,19 @@ class KillAfterSave:
             print("checkpoint", state.global_step, "written; killing", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
-twist, target, cfg = _kill_resume_setup({out!r}, resume=False)
+twist, target, cfg = _kill_resume_setup({out!r}, resume=False, positives={positives!r})
 TwistTrainer(twist, target, cfg, callbacks=[KillAfterSave()]).train()
 print("not killed", flush=True)
 """
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("positives", ["smc", "buffer"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, positives):
     """A training subprocess SIGKILLed right after writing checkpoint 8 of 12, then resumed, ends with exactly the
-    parameters (and log history) of an uninterrupted run with the same seed."""
+    parameters (and log history) of an uninterrupted run with the same seed (the replay buffer's contents are part
+    of the checkpoint)."""
     killed = tmp_path / "killed"
-    script = KILL_SCRIPT.format(here=str(HERE), kill_at=8, out=str(killed))
+    script = KILL_SCRIPT.format(here=str(HERE), kill_at=8, out=str(killed), positives=positives)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300, env=env
@@ -300,12 +302,12 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     (killed / ".tmp-checkpoint-12-4242" / "optimizer.pt").write_bytes(b"garbage")
     (killed / "checkpoint-99").mkdir()
 
-    twist, target, cfg = _kill_resume_setup(str(killed), resume=True)
+    twist, target, cfg = _kill_resume_setup(str(killed), resume=True, positives=positives)
     state = TwistTrainer(twist, target, cfg).train()
     assert state.global_step == 12
     assert not (killed / ".tmp-checkpoint-12-4242").exists()
 
-    ref_twist, ref_target, ref_cfg = _kill_resume_setup(str(tmp_path / "ref"), resume=False)
+    ref_twist, ref_target, ref_cfg = _kill_resume_setup(str(tmp_path / "ref"), resume=False, positives=positives)
     ref_state = TwistTrainer(ref_twist, ref_target, ref_cfg).train()
     assert torch.equal(twist.table, ref_twist.table)  # bitwise
     assert [h["step"] for h in state.log_history] == [2, 4, 6, 8, 10, 12]
@@ -388,7 +390,7 @@ def _psi(twist, target):
         return prefix_log_psi(twist, feats)
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp", "tabular"])
+@pytest.mark.parametrize("kind", ["linear", "mlp", "embedding", "tabular"])
 def test_save_load_roundtrip(kind, lm, target, tmp_path):
     twist = build_twist(kind, lm, target, init_scale=0.5, seed=1)
     save_twist(twist, tmp_path / kind, lm.name, task="toy-letter")
@@ -396,6 +398,42 @@ def test_save_load_roundtrip(kind, lm, target, tmp_path):
     assert type(loaded) is type(twist)
     torch.testing.assert_close(_psi(loaded, target), _psi(twist, target))
     assert common.load_twist(tmp_path / kind, lm) is not None  # `twistlm sample --twist DIR` can load it too
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_unsampled_tokens_follow_the_shared_level(kind, lm):
+    """Regressing only token 0's value on −3 moves every token the loss never saw to the shared level (so q ∝ p0 ψ
+    does not favour them); without the level (old checkpoints) they would stay at log ψ = 0."""
+    torch.manual_seed(0)
+    hidden = torch.randn(16, lm.hidden_size, dtype=torch.float64)
+    variants = [(True, build_twist(kind, lm, None, seed=0)), (False, build_twist(kind, lm, None, seed=0, level=False))]
+    for has_level, twist in variants:
+        twist = twist.double()
+        opt = torch.optim.Adam(twist.parameters(), lr=0.05)
+        for _ in range(200):
+            out = twist.log_psi(TwistContext(hidden, None, 1, 1, None))
+            loss = (out[:, 0] + 3.0).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out = twist.log_psi(TwistContext(hidden, None, 1, 1, None)).detach()
+        assert out[:, 0].mean() == pytest.approx(-3.0, abs=0.1)
+        others = out[:, 1:]
+        if has_level:
+            assert others.mean() < -1.0, kind  # moved with the level
+        else:
+            assert torch.all(others.abs() < 1e-12), kind  # never-seen rows keep ψ = 1
+
+
+def test_checkpoints_without_level_load_as_before(lm, tmp_path):
+    twist = build_twist("mlp", lm, None, seed=0, level=False, init_scale=0.3)
+    save_twist(twist, tmp_path, lm.name)
+    cfg_path = tmp_path / "twist_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["level"]  # written before the shared level existed
+    cfg_path.write_text(json.dumps(cfg))
+    again = load_twist(tmp_path, lm)
+    assert again.out.level is None
 
 
 def test_linear_twist_keeps_its_format(lm, target, tmp_path):
@@ -547,7 +585,7 @@ def test_lora_twist_trains_saves_and_loads(tiny_hf, tmp_path):
     twist = build_twist("lora", tiny_hf, target, r=4, seed=0)
     frozen = {n: p.clone() for n, p in twist.named_parameters() if not p.requires_grad}
     trainable = {n: p.clone() for n, p in twist.named_parameters() if p.requires_grad}
-    assert any("lora_A" in n for n in trainable) and "head.weight" in trainable
+    assert any("lora_A" in n for n in trainable) and "head.token.weight" in trainable
     cfg = TwistTrainingConfig(
         output_dir=str(tmp_path / "lora"),
         loss="rl",
@@ -625,6 +663,10 @@ def test_cli_train_twist_end_to_end(tmp_path, toy_task, capsys):
         "30",
         "--logging-steps",
         "20",
+        "-t",
+        "max_grad_norm=5",
+        "-t",
+        "lr_scheduler_type=linear",
     ]
     assert run_app(argv) == 0, capsys.readouterr().err
     assert "trained tabular twist with ctl for 60 steps" in capsys.readouterr().out
@@ -640,6 +682,7 @@ def test_cli_train_twist_end_to_end(tmp_path, toy_task, capsys):
     config = json.loads((out / "training_config.json").read_text())
     assert config["task"] == "toy-letter" and config["task_options"] == {"letter": 1} and config["loss"] == "ctl"
     assert config["model"] == "toy" and config["twist_kind"] == "tabular" and config["max_steps"] == 60
+    assert config["max_grad_norm"] == 5.0 and config["lr_scheduler_type"] == "linear"
 
     lm = twistlm.ToyLM(vocab_size=5, seed=1)
     twist = load_twist(out, lm)
@@ -667,6 +710,9 @@ def test_cli_train_twist_end_to_end(tmp_path, toy_task, capsys):
         ),
         (["--task", "toy-letter", "--loss", "fudge", "--twist-kind", "linear"], "no sigmoid output"),
         (["--task", "toy-letter", "--positives", "oracle"], "unknown positives source"),
+        (["--task", "toy-letter", "-t", "momentum=0.9"], "unknown --train-option 'momentum'; choose from: buffer_size"),
+        (["--task", "toy-letter", "-t", "loss=rl"], "use its own flag"),
+        (["--task", "toy-letter", "-t", "max_grad_norm=big"], "max_grad_norm='big': expected float"),
     ],
 )
 def test_cli_train_twist_bad_input(tmp_path, toy_task, capsys, extra, message):

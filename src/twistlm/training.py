@@ -4,9 +4,9 @@ Each update (MATH.md, "Twist losses"):
 
 1. draw K negatives per prompt from the proposal — p0 (``proposal="base"``) or the current twist-induced proposal
    (``"twisted"``) — by importance sampling (no resampling: i.i.d. draws from q);
-2. if the loss needs them, draw positives: ``exact`` (i.i.d. from σ by enumeration — toy problems),
-   ``rejection`` (p0 samples accepted with probability φ — exact, 0 ≤ φ ≤ 1 only) or ``smc`` (twisted SMC
-   particles with their normalised weights, MATH.md's "approximate positives");
+2. if the loss needs them, draw positives from a source of :mod:`twistlm.positives`: ``exact`` (enumeration, toy
+   problems), ``rejection`` (p0 draws accepted with probability φ), ``smc`` (twisted SMC particles with their
+   normalised weights, MATH.md's "approximate positives") or ``buffer`` (replay of every φ > 0 sequence seen, ∝ p0 φ);
 3. compute the frozen base LM's features of every prefix once (:func:`~twistlm.twists.features.prefix_features`),
    apply the twist to them *with* grad, and take one optimizer step on the registered loss (:mod:`twistlm.losses`).
 
@@ -47,20 +47,27 @@ import numpy as np
 import torch
 
 from twistlm.errors import ConfigError
-from twistlm.exact import enumerate_target
 from twistlm.losses import Rollouts, TwistLoss, get_loss, make_rollouts
+from twistlm.positives import (
+    BOUNDED_ONLY,
+    POSITIVE_SOURCES,
+    PositiveRequest,
+    Samples,
+    get_positive_source,
+    samples_from_results,
+)
 from twistlm.smc import run_smc
 from twistlm.target import Target
 from twistlm.twists.base import Twist
-from twistlm.twists.features import prefix_features, prefix_log_psi
+from twistlm.twists.features import prefix_features, prefix_log_psi, sequence_log_p0
 from twistlm.twists.io import load_twist_state, read_weights, save_twist
 
-POSITIVE_SOURCES = ("exact", "smc", "rejection")
 PROPOSALS = ("base", "twisted")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.json"
 CONFIG_NAME = "training_config.json"
 HISTORY_NAME = "log_history.json"
+POSITIVES_NAME = "positives.pt"
 CURVE_NAME = "training_curve.png"
 RESUME_KEYS = (
     "loss",
@@ -76,6 +83,7 @@ RESUME_KEYS = (
     "max_grad_norm",
     "positive_ess_threshold",
     "rejection_particles",
+    "buffer_size",
 )
 """Settings a resumed run must share with its checkpoint (others, e.g. logging or max_steps, may change)."""
 
@@ -93,7 +101,8 @@ class TwistTrainingConfig:
     proposal: str | None = field(
         default=None, metadata={"help": "Proposal of the negatives: base | twisted (default: the loss's choice)."}
     )
-    positives: str = field(default="smc", metadata={"help": "Positives: exact | smc | rejection."})
+    positives: str = field(default="smc", metadata={"help": "Positives: exact | smc | rejection | buffer."})
+    buffer_size: int = field(default=0, metadata={"help": "Replay buffer capacity per prompt (0: the default)."})
     positive_ess_threshold: float = field(default=0.5, metadata={"help": "κ of the SMC that draws positives."})
     rejection_particles: int | None = field(
         default=None, metadata={"help": "p0 draws per prompt for rejection positives (default: 4 × num_positives)."}
@@ -120,6 +129,8 @@ class TwistTrainingConfig:
         for name in ("max_steps", "num_particles", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.buffer_size < 0:
+            raise ConfigError(f"buffer_size must be ≥ 0, got {self.buffer_size}")
         for name in ("num_positives", "rejection_particles"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -145,21 +156,6 @@ class TwistTrainingConfig:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-
-
-@dataclass
-class _Samples:
-    """Sequences of B groups × n samples (row b·n + j), with log φ and data log weights."""
-
-    sequences: list[list[int]]
-    log_phi: torch.Tensor  # (B, n)
-    log_weight: torch.Tensor  # (B, n)
-
-
-def _from_results(results) -> _Samples:
-    seqs = [list(ids) for r in results for ids in r.token_ids]
-    log_phi = torch.stack([r.log_phi.to(torch.float64) for r in results])
-    return _Samples(seqs, log_phi, torch.zeros_like(log_phi))
 
 
 def _metrics(results, num_particles: int) -> dict[str, float]:
@@ -206,11 +202,13 @@ class TwistTrainer:
                 f"the {self.loss.name} loss needs a twist with output={self.loss.twist_output!r}, this one has "
                 f"{output!r} (build it with output={self.loss.twist_output!r})"
             )
-        if self.loss.needs_positives and config.positives == "rejection" and not bounded:
-            raise ConfigError("rejection positives need a potential with 0 ≤ φ ≤ 1 (use positives='smc' or 'exact')")
-        self._exact = None
-        if self.loss.needs_positives and config.positives == "exact":
-            self._exact = [enumerate_target(target, b) for b in range(target.num_prompts)]
+        if self.loss.needs_positives and config.positives in BOUNDED_ONLY and not bounded:
+            raise ConfigError(
+                f"{config.positives} positives need a potential with 0 ≤ φ ≤ 1 (use positives='smc' or 'buffer')"
+            )
+        self.positive_source = get_positive_source(
+            config.positives if self.loss.needs_positives else "smc", target, config.buffer_size
+        )
 
         self.accelerator = accelerator or Accelerator(cpu=target.lm.device.type == "cpu")
         self.twist.to(self.accelerator.device)
@@ -268,7 +266,7 @@ class TwistTrainer:
 
     # -- one update --------------------------------------------------------------------------------------------------
 
-    def _negatives(self) -> tuple[_Samples, list]:
+    def _negatives(self) -> tuple[Samples, list]:
         twist = self.twist if self.proposal == "twisted" else None
         results = run_smc(
             self.target,
@@ -278,86 +276,55 @@ class TwistTrainer:
             ess_threshold=0.0,
             generator=self.generator,
         )
-        return _from_results(results), results
+        return samples_from_results(results), results
 
-    def _positives(self) -> _Samples | None:
+    def _positives(self) -> Samples | None:
         if not self.loss.needs_positives:
             return None
-        cfg, target, gen = self.config, self.target, self.generator
-        P = cfg.positives_per_prompt
-        if cfg.positives == "exact":
-            seqs, log_phi = [], []
-            for ex in self._exact:
-                draws = torch.multinomial(ex.probs, P, replacement=True, generator=gen).tolist()
-                seqs += [list(ex.sequences[i]) for i in draws]
-                log_phi.append(ex.log_phi[draws])
-            log_phi = torch.stack(log_phi)
-            return _Samples(seqs, log_phi, torch.zeros_like(log_phi))
-        if cfg.positives == "smc":
-            results = run_smc(
-                target, P, proposal="twisted", twist=self.twist, ess_threshold=cfg.positive_ess_threshold, generator=gen
-            )
-            samples = _from_results(results)
-            samples.log_weight = torch.stack([r.log_weights.to(torch.float64) for r in results])
-            return samples
-        # Rejection: p0 draws accepted with probability φ; groups padded to the largest count with weight-0 rows.
-        M = cfg.rejection_particles or 4 * P
-        results = run_smc(target, M, proposal="base", ess_threshold=0.0, generator=gen)
-        accepted = []
-        for r in results:
-            u = torch.rand(M, generator=gen, dtype=torch.float64)
-            keep = (u < r.log_phi.exp()).nonzero().squeeze(1).tolist()[:P]
-            accepted.append([(list(r.token_ids[i]), float(r.log_phi[i])) for i in keep])
-        n = max(1, max(len(a) for a in accepted))
-        seqs, log_phi, log_w = (
-            [],
-            torch.zeros(len(results), n, dtype=torch.float64),
-            torch.zeros(len(results), n, dtype=torch.float64),
+        cfg = self.config
+        request = PositiveRequest(
+            self.target,
+            self.twist,
+            cfg.positives_per_prompt,
+            self.generator,
+            cfg.positive_ess_threshold,
+            cfg.rejection_particles,
         )
-        for b, (acc, r) in enumerate(zip(accepted, results)):
-            for j in range(n):
-                if j < len(acc):
-                    seqs.append(acc[j][0])
-                    log_phi[b, j] = acc[j][1]
-                else:
-                    seqs.append(list(r.token_ids[0]))
-                    log_phi[b, j] = float(r.log_phi[0])
-                    log_w[b, j] = -math.inf
-        return _Samples(seqs, log_phi, log_w)
+        return self.positive_source.draw(request)
 
-    def _rollouts(self, samples: _Samples, log_psi_all, feats, rows: slice, proposal: str) -> Rollouts:
-        B = self.target.num_prompts
-        return make_rollouts(
-            feats.select(rows), log_psi_all[rows], samples.log_phi, B, log_weight=samples.log_weight, proposal=proposal
-        )
-
-    def compute_loss(self, negatives: _Samples, positives: _Samples | None) -> torch.Tensor:
-        """The configured loss on stored samples (base-LM features once, no grad; the twist with grad)."""
-        target = self.target
-        B = target.num_prompts
-        seqs = negatives.sequences + (positives.sequences if positives is not None else [])
-        n_neg = len(negatives.sequences)
-        index = [i // (n_neg // B) for i in range(n_neg)]
-        if positives is not None:
-            n_pos = len(positives.sequences)
-            index += [i // (n_pos // B) for i in range(n_pos)]
-        feats = prefix_features(
-            target.lm, target.prompt_ids, seqs, prompt_index=index, max_new_tokens=target.max_new_tokens
-        )
+    def _rollouts(self, samples: Samples, feats, proposal: str) -> Rollouts:
         log_psi_all = prefix_log_psi(self.twist, feats)
-        neg = self._rollouts(negatives, log_psi_all, feats, slice(0, n_neg), self.proposal)
+        B = self.target.num_prompts
+        return make_rollouts(feats, log_psi_all, samples.log_phi, B, log_weight=samples.log_weight, proposal=proposal)
+
+    def _features(self, samples: Samples):
+        """Frozen base-LM features of every prefix of ``samples`` (B groups of equal size, row b·n + j)."""
+        target = self.target
+        n = len(samples.sequences) // target.num_prompts
+        index = [i // n for i in range(len(samples.sequences))]
+        return prefix_features(
+            target.lm, target.prompt_ids, samples.sequences, prompt_index=index, max_new_tokens=target.max_new_tokens
+        )
+
+    def compute_loss(self, negatives: Samples, positives: Samples | None, neg_feats=None) -> torch.Tensor:
+        """The configured loss on stored samples (base-LM features without grad; the twist with grad)."""
+        feats = neg_feats if neg_feats is not None else self._features(negatives)
+        neg = self._rollouts(negatives, feats, self.proposal)
         pos = None
         if positives is not None:
             # The positives' proposal does not enter any loss (only their data weights do).
-            pos = self._rollouts(positives, log_psi_all, feats, slice(n_neg, len(seqs)), "base")
+            pos = self._rollouts(positives, self._features(positives), "base")
         return self.loss.compute(neg, pos, self.generator)
 
     def training_step(self) -> tuple[float, list]:
         """Sample, compute the loss, take one optimizer step; returns the loss and the negatives' results."""
         self.twist.train()
         negatives, results = self._negatives()
+        neg_feats = self._features(negatives)
+        if self.loss.needs_positives:
+            self.positive_source.observe(negatives, sequence_log_p0(neg_feats).view_as(negatives.log_phi))
         positives = self._positives()
-        loss = self.compute_loss(negatives, positives)
+        loss = self.compute_loss(negatives, positives, neg_feats)
         self.accelerator.backward(loss)
         if self.accelerator.num_processes > 1:
             for p in self.params:
@@ -468,6 +435,7 @@ class TwistTrainer:
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(self._rng_state(), tmp / "rng_state.pt")
+        torch.save(self.positive_source.state_dict(), tmp / POSITIVES_NAME)
         state = {
             "global_step": step,
             "log_history": self.state.log_history,
@@ -511,6 +479,8 @@ class TwistTrainer:
         self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         self._set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
+        if (ckpt / POSITIVES_NAME).is_file():
+            self.positive_source.load_state_dict(torch.load(ckpt / POSITIVES_NAME, weights_only=True))
         self.state.global_step = int(saved["global_step"])
         self.state.log_history = list(saved["log_history"])
         self._window = list(saved.get("loss_window", []))

@@ -11,6 +11,7 @@ folder holds the twist (``twist.safetensors`` + ``twist_config.json``, loadable 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +27,7 @@ from twistlm.tasks.registry import get_task
 from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainer, TwistTrainingConfig
 from twistlm.twists import io as twist_io
 
-TWIST_KINDS_HELP = "linear | mlp | tabular (toy) | conditional | lora"
+TWIST_KINDS_HELP = "linear | mlp | embedding | tabular (toy) | conditional | lora"
 
 
 class _ProgressCallback:
@@ -47,6 +48,48 @@ class _ProgressCallback:
         status = f"loss {logs.get('loss', math.nan):.4g} · ESS/K {logs.get('ess', math.nan):.2f} · "
         status += f"log Ẑ {logs.get('log_z', math.nan):.3f}"
         self.progress.update(self.bar, status=status)
+
+
+FLAG_FIELDS = (
+    "output_dir",
+    "loss",
+    "learning_rate",
+    "max_steps",
+    "num_particles",
+    "proposal",
+    "positives",
+    "seed",
+    "logging_steps",
+    "save_steps",
+    "resume",
+)
+"""Config fields that have their own flag (``--train-option`` refuses them, so one setting has one spelling)."""
+
+
+def training_options(options: dict) -> dict:
+    """``--train-option`` values checked against :class:`TwistTrainingConfig` and converted to the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(TwistTrainingConfig)}
+    out = {}
+    for key, value in options.items():
+        if key in FLAG_FIELDS:
+            raise ConfigError(f"--train-option {key}: use its own flag (--{key.replace('_', '-')} or see --help)")
+        if key not in fields:
+            choices = ", ".join(sorted(k for k in fields if k not in FLAG_FIELDS))
+            raise ConfigError(f"unknown --train-option {key!r}; choose from: {choices}")
+        declared = fields[key].type  # a string, or the class once HfArgumentParser has resolved the annotations
+        kind = declared if isinstance(declared, str) else getattr(declared, "__name__", str(declared))
+        try:
+            if "bool" in kind:
+                out[key] = str(value).lower() in ("1", "true", "yes")
+            elif "float" in kind:
+                out[key] = float(value)
+            elif "int" in kind:
+                out[key] = None if str(value).lower() == "none" else int(value)
+            else:
+                out[key] = str(value)
+        except ValueError:
+            raise ConfigError(f"--train-option {key}={value!r}: expected {kind}") from None
+    return out
 
 
 @app.command("train-twist")
@@ -76,6 +119,14 @@ def train_twist(
         typer.Option("--model", "-m", help="Hub id, model directory, .gguf file, or 'toy' (default: embedded)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    train_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--train-option",
+            "-t",
+            help="Any other TwistTrainingConfig field as key=value, e.g. max_grad_norm=1 (repeatable).",
+        ),
+    ] = None,
     logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log every N updates.")] = 10,
     save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N updates (0: never).")] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
@@ -93,7 +144,9 @@ def train_twist(
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if out.exists() and not out.is_dir():
         raise TwistLMError(f"--out {out} exists and is not a folder")
+    extra = training_options(parse_options(train_option))
     config = TwistTrainingConfig(
+        **extra,
         output_dir=str(out),
         loss=loss,
         learning_rate=learning_rate,

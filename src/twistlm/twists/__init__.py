@@ -2,6 +2,7 @@
 
 from twistlm.twists.base import Twist, TwistContext
 from twistlm.twists.conditional import ConditionalTwist
+from twistlm.twists.embedding import EmbeddingTwist
 from twistlm.twists.io import build_twist, load_twist, save_twist
 from twistlm.twists.linear import LinearTwist
 from twistlm.twists.lora import LoRATwist
@@ -10,6 +11,7 @@ from twistlm.twists.tabular import TabularTwist
 
 __all__ = [
     "ConditionalTwist",
+    "EmbeddingTwist",
     "LinearTwist",
     "LoRATwist",
     "MLPTwist",

@@ -26,8 +26,9 @@ from torch import nn
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.lm import HFLM, ParticleLM
 from twistlm.twists.base import Twist, TwistContext
+from twistlm.twists.head import VocabHead
 from twistlm.twists.io import check_compatible, load_twist_state, max_index, read_config, read_weights
-from twistlm.twists.mlp import apply_output, check_output, init_last_layer, mlp_layers, seeded_init
+from twistlm.twists.mlp import apply_output, check_output, mlp_layers, seeded_init
 
 if TYPE_CHECKING:  # pragma: no cover
     from twistlm.target import Target
@@ -63,6 +64,7 @@ class ConditionalTwist(Twist):
         condition_key: str = "label",
         output: str = "log",
         base_model: str = "",
+        level: bool = True,
     ):
         super().__init__()
         if condition not in CONDITIONS:
@@ -78,7 +80,8 @@ class ConditionalTwist(Twist):
             # Token embeddings (index V = padding), one slot per position, concatenated then projected.
             self.embed = nn.Embedding(vocab_size + 1, embed_dim, padding_idx=vocab_size)
             self.project = nn.Linear(max_condition_tokens * embed_dim, embed_dim)
-        self.net = mlp_layers(hidden_size + embed_dim, width, depth, vocab_size)
+        self.net, size = mlp_layers(hidden_size + embed_dim, width, depth)
+        self.out = VocabHead(size, vocab_size, level=level)
         self.register_buffer("conditions", torch.zeros(0, dtype=torch.long), persistent=False)
 
     @classmethod
@@ -91,7 +94,7 @@ class ConditionalTwist(Twist):
         **options: Any,
     ) -> ConditionalTwist:
         twist = seeded_init(lambda: cls(lm.hidden_size, lm.vocab_size, base_model=lm.name, **options), seed)
-        init_last_layer(twist.net, init_scale, torch.Generator().manual_seed(seed + 1))
+        twist.out.reset(init_scale, torch.Generator().manual_seed(seed + 1))
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         return twist.to(device=lm.device, dtype=dtype)
 
@@ -126,7 +129,7 @@ class ConditionalTwist(Twist):
 
     def set_conditions(self, conditions: Sequence[Any], lm: ParticleLM | None = None) -> ConditionalTwist:
         """One condition per prompt: labels (ints), or observations (token id lists, or strings with ``lm``)."""
-        device = self.net[-1].weight.device
+        device = self.out.weight.device
         if self.condition == "label":
             labels = torch.as_tensor([int(c) for c in conditions], dtype=torch.long)
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_labels):
@@ -174,12 +177,12 @@ class ConditionalTwist(Twist):
         return self.project(self.embed(cond).flatten(1))
 
     def _head(self, hidden: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
-        weight = self.net[-1].weight
+        weight = self.out.weight
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         c = self._condition_embedding(prompt_index).to(weight.dtype)
         if hidden.dim() == 3:
             c = c.unsqueeze(1).expand(-1, hidden.shape[1], -1)
-        return apply_output(self.net(torch.cat([hidden, c], dim=-1)), self.output)
+        return apply_output(self.out(self.net(torch.cat([hidden, c], dim=-1))), self.output)
 
     def log_psi(self, ctx: TwistContext) -> torch.Tensor:
         return self._head(ctx.hidden, ctx.prompt_index).to(ctx.hidden.device)
@@ -202,7 +205,8 @@ class ConditionalTwist(Twist):
             "depth": self.depth,
             "condition_key": self.condition_key,
             "output": self.output,
-            "dtype": str(self.net[-1].weight.dtype).removeprefix("torch."),
+            "level": self.out.has_level,
+            "dtype": str(self.out.weight.dtype).removeprefix("torch."),
             "base_model": self.base_model,
         }
 
@@ -221,7 +225,11 @@ class ConditionalTwist(Twist):
             "output",
         )
         twist = cls(
-            cfg["hidden_size"], cfg["vocab_size"], base_model=cfg.get("base_model", ""), **{k: cfg[k] for k in keys}
+            cfg["hidden_size"],
+            cfg["vocab_size"],
+            base_model=cfg.get("base_model", ""),
+            level=cfg.get("level", False),
+            **{k: cfg[k] for k in keys},
         )
         twist = twist.to(getattr(torch, cfg.get("dtype", "float32")))
         load_twist_state(twist, read_weights(directory))

@@ -156,15 +156,16 @@ def _load_builtin_kinds() -> None:
         return
     _BUILTINS_LOADED = True
     from twistlm.twists.conditional import ConditionalTwist
+    from twistlm.twists.embedding import EmbeddingTwist
     from twistlm.twists.linear import LinearTwist
     from twistlm.twists.lora import LoRATwist
     from twistlm.twists.mlp import MLPTwist
     from twistlm.twists.tabular import TabularTwist
 
-    def linear(lm, target=None, init_scale: float = 0.0, seed: int = 0, output: str = "log"):
+    def linear(lm, target=None, init_scale: float = 0.0, seed: int = 0, output: str = "log", level: bool = True):
         if output != "log":
             raise ConfigError("the linear twist has no sigmoid output; use --twist-kind mlp for FUDGE")
-        return LinearTwist.for_lm(lm, init_scale=init_scale, seed=seed)
+        return LinearTwist.for_lm(lm, init_scale=init_scale, seed=seed, level=level)
 
     def needs_target(kind, target):
         if target is None:
@@ -174,6 +175,11 @@ def _load_builtin_kinds() -> None:
     defaults = {
         "linear": (LinearTwist, linear, "linear head on the base LM's last hidden state"),
         "mlp": (MLPTwist, lambda lm, target=None, **kw: MLPTwist.for_lm(lm, **kw), "MLP head on the hidden state"),
+        "embedding": (
+            EmbeddingTwist,
+            lambda lm, target=None, **kw: EmbeddingTwist.for_lm(lm, **kw),
+            "MLP features scored against the base LM's own token embeddings (shares learning across tokens)",
+        ),
         "tabular": (
             TabularTwist,
             lambda lm, target=None, **kw: TabularTwist.for_target(needs_target("tabular", target), **kw),

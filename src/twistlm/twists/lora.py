@@ -31,12 +31,12 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.lm import HFLM, LMState, ParticleLM
 from twistlm.twists.base import Twist, TwistContext
 from twistlm.twists.features import hf_prefix_hidden
+from twistlm.twists.head import VocabHead
 from twistlm.twists.io import check_compatible, load_twist_state, max_index, read_config, read_weights
 from twistlm.twists.mlp import apply_output, check_output, seeded_init
 
@@ -68,6 +68,7 @@ class LoRATwist(Twist):
         target_modules: str | list[str] = "all-linear",
         output: str = "log",
         base_model: str = "",
+        level: bool = True,
     ):
         super().__init__()
         from peft import LoraConfig, get_peft_model
@@ -87,7 +88,7 @@ class LoRATwist(Twist):
         self.output = check_output(output)
         self.base_model = base_model
         self.eos_token_id = int(eos_token_id)
-        self.head = nn.Linear(hidden_size, vocab_size, device=head.weight.device)
+        self.head = VocabHead(hidden_size, vocab_size, level=level).to(head.weight.device)
         self._runner = _HiddenOnlyLM(inner, SimpleNamespace(eos_token_id=self.eos_token_id), name="lora-twist")
         inner.train(self.training)
         self._prompt_ids: list[list[int]] | None = None
@@ -106,18 +107,15 @@ class LoRATwist(Twist):
         output: str = "log",
         init_scale: float = 0.0,
         seed: int = 0,
+        level: bool = True,
     ) -> LoRATwist:
         """A LoRA twist over ``lm`` (a Hugging Face model); head zero (ψ ≡ 1) or N(0, init_scale²)."""
         if not isinstance(lm, HFLM):
             raise ConfigError("the LoRA twist needs a Hugging Face base model (it adapts a copy of it)")
         twist = seeded_init(
-            lambda: cls(lm.model, lm.eos_token_id, r, alpha, dropout, target_modules, output, lm.name), seed
+            lambda: cls(lm.model, lm.eos_token_id, r, alpha, dropout, target_modules, output, lm.name, level), seed
         )
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            twist.head.bias.zero_()
-            w = init_scale * torch.randn(twist.head.weight.shape, generator=g) if init_scale else 0.0
-            twist.head.weight.copy_(torch.as_tensor(w).expand_as(twist.head.weight))
+        twist.head.reset(init_scale, torch.Generator().manual_seed(seed + 1))
         return twist
 
     # -- incremental state (sampling) -------------------------------------------------------------------------------
@@ -212,6 +210,7 @@ class LoRATwist(Twist):
             "dropout": self.dropout,
             "target_modules": self.target_modules,
             "output": self.output,
+            "level": self.head.has_level,
             "base_model": self.base_model,
         }
 
@@ -230,6 +229,7 @@ class LoRATwist(Twist):
             cfg["target_modules"],
             cfg["output"],
             cfg.get("base_model", ""),
+            cfg.get("level", False),
         )
         load_twist_state(twist, read_weights(directory))
         return twist

@@ -1,7 +1,8 @@
 """MLP twist head over the frozen base model: log ψ_t(s_<t, ·) = MLP(h_t) ∈ R^V (MATH.md, "Twists and proposals").
 
 h_t is the base LM's last hidden state after s_<t (``TwistContext.hidden``). The head has ``depth`` hidden layers of
-``width`` units (GELU) and a final linear layer to the V outputs.
+``width`` units (GELU) and a :class:`~twistlm.twists.head.VocabHead` to the V outputs (per-token values plus one
+shared level, ``level=True``; see that module for why the level matters).
 
 Outputs. ``output="log"`` (default): the head's output is log ψ directly (ψ ∈ (0, ∞)). ``output="sigmoid"``:
 log ψ = log sigmoid(raw), so ψ ∈ (0, 1) — what FUDGE needs (its ψ is a probability E_p0[φ | s_1:t]).
@@ -19,6 +20,7 @@ from torch import nn
 from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM
 from twistlm.twists.base import Twist, TwistContext
+from twistlm.twists.head import VocabHead
 from twistlm.twists.io import check_compatible, load_twist_state, read_config, read_weights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,25 +40,14 @@ def apply_output(raw: torch.Tensor, output: str) -> torch.Tensor:
     return F.logsigmoid(raw) if output == "sigmoid" else raw
 
 
-def mlp_layers(in_features: int, width: int, depth: int, out_features: int) -> nn.Sequential:
+def mlp_layers(in_features: int, width: int, depth: int) -> tuple[nn.Sequential, int]:
+    """``depth`` hidden layers (Linear + GELU) of ``width`` units, and the size of their output."""
     layers: list[nn.Module] = []
     size = in_features
     for _ in range(depth):
         layers += [nn.Linear(size, width), nn.GELU()]
         size = width
-    layers.append(nn.Linear(size, out_features))
-    return nn.Sequential(*layers)
-
-
-def init_last_layer(net: nn.Sequential, init_scale: float, generator: torch.Generator) -> None:
-    """Zero the final layer (ψ ≡ 1, or ψ ≡ 1/2 with the sigmoid output) or draw it from N(0, init_scale²)."""
-    last = net[-1]
-    with torch.no_grad():
-        last.bias.zero_()
-        if init_scale == 0.0:
-            last.weight.zero_()
-        else:
-            last.weight.copy_(init_scale * torch.randn(last.weight.shape, generator=generator))
+    return nn.Sequential(*layers), size
 
 
 def seeded_init(module_factory, seed: int):
@@ -79,6 +70,7 @@ class MLPTwist(Twist):
         depth: int = 1,
         output: str = "log",
         base_model: str = "",
+        level: bool = True,
     ):
         super().__init__()
         if width < 1 or depth < 0:
@@ -86,7 +78,8 @@ class MLPTwist(Twist):
         self.hidden_size, self.vocab_size, self.width, self.depth = hidden_size, vocab_size, width, depth
         self.output = check_output(output)
         self.base_model = base_model
-        self.net = mlp_layers(hidden_size, width, depth, vocab_size)
+        self.net, size = mlp_layers(hidden_size, width, depth)
+        self.out = VocabHead(size, vocab_size, level=level)
 
     @classmethod
     def for_lm(
@@ -98,20 +91,21 @@ class MLPTwist(Twist):
         init_scale: float = 0.0,
         seed: int = 0,
         dtype: torch.dtype | str = torch.float32,
+        level: bool = True,
     ) -> MLPTwist:
         """A head for ``lm``; hidden layers seeded by ``seed``, final layer zero (ψ ≡ 1) or N(0, init_scale²)."""
-        twist = seeded_init(lambda: cls(lm.hidden_size, lm.vocab_size, width, depth, output, lm.name), seed)
-        init_last_layer(twist.net, init_scale, torch.Generator().manual_seed(seed + 1))
+        twist = seeded_init(lambda: cls(lm.hidden_size, lm.vocab_size, width, depth, output, lm.name, level), seed)
+        twist.out.reset(init_scale, torch.Generator().manual_seed(seed + 1))
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         return twist.to(device=lm.device, dtype=dtype)
 
     @property
     def _param(self) -> torch.Tensor:
-        return self.net[-1].weight
+        return self.out.weight
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         p = self._param
-        return apply_output(self.net(hidden.to(device=p.device, dtype=p.dtype)), self.output)
+        return apply_output(self.out(self.net(hidden.to(device=p.device, dtype=p.dtype))), self.output)
 
     def log_psi(self, ctx: TwistContext) -> torch.Tensor:
         return self._head(ctx.hidden).to(ctx.hidden.device)
@@ -128,6 +122,7 @@ class MLPTwist(Twist):
             "width": self.width,
             "depth": self.depth,
             "output": self.output,
+            "level": self.out.has_level,
             "dtype": str(self._param.dtype).removeprefix("torch."),
             "base_model": self.base_model,
         }
@@ -137,7 +132,13 @@ class MLPTwist(Twist):
         cfg = read_config(directory, cls.kind)
         check_compatible(cfg, lm, directory)
         twist = cls(
-            cfg["hidden_size"], cfg["vocab_size"], cfg["width"], cfg["depth"], cfg["output"], cfg.get("base_model", "")
+            cfg["hidden_size"],
+            cfg["vocab_size"],
+            cfg["width"],
+            cfg["depth"],
+            cfg["output"],
+            cfg.get("base_model", ""),
+            level=cfg.get("level", False),
         )
         twist = twist.to(getattr(torch, cfg.get("dtype", "float32")))
         load_twist_state(twist, read_weights(directory))

@@ -1,0 +1,228 @@
+"""Positive samples for the twist losses that need them (CTL, SIXO): a registry of sources.
+
+MATH.md's losses take "positives" s ~ σ. Where they come from is a choice with a cost/bias trade-off:
+
+* ``exact``: i.i.d. draws from σ by enumeration (toy problems only).
+* ``rejection``: fresh p0 draws accepted with probability φ (exact; 0 ≤ φ ≤ 1 only). Costs ``rejection_particles``
+  samples per step, so with Z = E_p0[φ] ≈ 0.005 (toxicity) it yields a positive only every few steps.
+* ``smc``: twisted SMC particles with their normalised weights (MATH.md's approximate positives; consistent in K).
+* ``buffer``: a replay buffer of every distinct sequence with φ > 0 the trainer has seen so far (the negatives of each
+  step, whatever their proposal), each with the unnormalised target mass σ̃(s) = p0(s) φ(s). Positives are drawn
+  with replacement ∝ σ̃ over the buffer, i.e. from σ restricted to the buffer's support, σ_buf(s) ∝ σ̃(s) 1[s ∈ buffer].
+  This is biased (σ_buf ≠ σ until the buffer covers σ's mass) but costs no extra sampling and never forgets a rare
+  positive — the GFlowNet-style replay the twisted-SMC recipe lacks for rare events. With a full buffer the
+  lowest-mass entries are evicted.
+
+Every source returns :class:`Samples` (B groups × n rows, a group without positives is one padding row of weight 0,
+which the losses skip) and can save/restore its state for exact resumption.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from twistlm.errors import ConfigError
+from twistlm.exact import enumerate_target
+from twistlm.smc import run_smc
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twistlm.target import Target
+    from twistlm.twists.base import Twist
+
+
+@dataclass
+class Samples:
+    """Sequences of B groups × n samples (row b·n + j), with log φ (B, n) and data log weights (B, n)."""
+
+    sequences: list[list[int]]
+    log_phi: torch.Tensor
+    log_weight: torch.Tensor
+
+
+def samples_from_results(results, weighted: bool = False) -> Samples:
+    """The particles of sampler results (one per prompt); ``weighted``: keep their log weights as data weights."""
+    seqs = [list(ids) for r in results for ids in r.token_ids]
+    log_phi = torch.stack([r.log_phi.to(torch.float64) for r in results])
+    if weighted:
+        log_weight = torch.stack([r.log_weights.to(torch.float64) for r in results])
+    else:
+        log_weight = torch.zeros_like(log_phi)
+    return Samples(seqs, log_phi, log_weight)
+
+
+def pad_groups(groups: list[list[tuple[list[int], float]]], filler: list[int]) -> Samples:
+    """Samples from per-group lists of (sequence, log φ), padded to the largest group with weight-0 rows."""
+    n = max(1, max(len(g) for g in groups))
+    seqs: list[list[int]] = []
+    log_phi = torch.zeros(len(groups), n, dtype=torch.float64)
+    log_w = torch.zeros(len(groups), n, dtype=torch.float64)
+    for b, group in enumerate(groups):
+        for j in range(n):
+            if j < len(group):
+                seqs.append(list(group[j][0]))
+                log_phi[b, j] = group[j][1]
+            else:
+                seqs.append(list(filler))
+                log_w[b, j] = -math.inf
+    return Samples(seqs, log_phi, log_w)
+
+
+@dataclass
+class PositiveRequest:
+    """What a source needs for one draw: the target, the current twist, P per prompt, the run's generator."""
+
+    target: Target
+    twist: Twist
+    num_positives: int
+    generator: torch.Generator
+    ess_threshold: float = 0.5
+    rejection_particles: int | None = None
+
+
+class PositiveSource:
+    """Base: ``draw(request) -> Samples``; ``observe`` sees each step's negatives; state for checkpoints."""
+
+    name = "base"
+
+    def __init__(self, target: Target, capacity: int = 0):
+        self.target = target
+
+    def observe(self, samples: Samples, log_p0: torch.Tensor) -> None:
+        """Called with every step's negatives and their log p0(s) (B, n); most sources ignore it."""
+
+    def draw(self, request: PositiveRequest) -> Samples:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class ExactPositives(PositiveSource):
+    name = "exact"
+
+    def __init__(self, target: Target, capacity: int = 0):
+        super().__init__(target)
+        self._exact = [enumerate_target(target, b) for b in range(target.num_prompts)]
+
+    def draw(self, request: PositiveRequest) -> Samples:
+        seqs, log_phi = [], []
+        for ex in self._exact:
+            draws = torch.multinomial(ex.probs, request.num_positives, replacement=True, generator=request.generator)
+            seqs += [list(ex.sequences[i]) for i in draws.tolist()]
+            log_phi.append(ex.log_phi[draws])
+        log_phi = torch.stack(log_phi)
+        return Samples(seqs, log_phi, torch.zeros_like(log_phi))
+
+
+class SMCPositives(PositiveSource):
+    name = "smc"
+
+    def draw(self, request: PositiveRequest) -> Samples:
+        results = run_smc(
+            request.target,
+            request.num_positives,
+            proposal="twisted",
+            twist=request.twist,
+            ess_threshold=request.ess_threshold,
+            generator=request.generator,
+        )
+        return samples_from_results(results, weighted=True)
+
+
+class RejectionPositives(PositiveSource):
+    name = "rejection"
+
+    def draw(self, request: PositiveRequest) -> Samples:
+        P, gen = request.num_positives, request.generator
+        M = request.rejection_particles or 4 * P
+        results = run_smc(request.target, M, proposal="base", ess_threshold=0.0, generator=gen)
+        groups = []
+        for r in results:
+            u = torch.rand(M, generator=gen, dtype=torch.float64)
+            keep = (u < r.log_phi.exp()).nonzero().squeeze(1).tolist()[:P]
+            groups.append([(list(r.token_ids[i]), float(r.log_phi[i])) for i in keep])
+        return pad_groups(groups, list(results[0].token_ids[0]))
+
+
+DEFAULT_BUFFER_CAPACITY = 4096
+"""Distinct sequences kept per prompt by the replay buffer (the lowest σ̃ are evicted beyond it)."""
+
+
+class BufferPositives(PositiveSource):
+    """Replay buffer of distinct φ > 0 sequences with log σ̃(s) = log p0(s) + log φ(s) (see the module docstring)."""
+
+    name = "buffer"
+
+    def __init__(self, target: Target, capacity: int = 0):
+        super().__init__(target)
+        self.capacity = capacity or DEFAULT_BUFFER_CAPACITY
+        # per prompt: sequence → (log σ̃, log φ)
+        self.entries: list[dict[tuple[int, ...], tuple[float, float]]] = [{} for _ in range(target.num_prompts)]
+
+    def observe(self, samples: Samples, log_p0: torch.Tensor) -> None:
+        B, n = samples.log_phi.shape
+        for b in range(B):
+            book = self.entries[b]
+            for j in range(n):
+                lphi, lp0 = float(samples.log_phi[b, j]), float(log_p0[b, j])
+                if lphi == -math.inf or not math.isfinite(lp0) or samples.log_weight[b, j] == -math.inf:
+                    continue
+                book[tuple(samples.sequences[b * n + j])] = (lp0 + lphi, lphi)
+            if len(book) > self.capacity:
+                keep = sorted(book.items(), key=lambda kv: kv[1][0], reverse=True)[: self.capacity]
+                self.entries[b] = dict(keep)
+
+    def size(self, prompt: int = 0) -> int:
+        return len(self.entries[prompt])
+
+    def draw(self, request: PositiveRequest) -> Samples:
+        groups = []
+        for book in self.entries:
+            if not book:
+                groups.append([])
+                continue
+            items = list(book.items())
+            log_mass = torch.tensor([v[0] for _, v in items], dtype=torch.float64)
+            probs = torch.softmax(log_mass, dim=0)
+            idx = torch.multinomial(probs, request.num_positives, replacement=True, generator=request.generator)
+            groups.append([(list(items[i][0]), items[i][1][1]) for i in idx.tolist()])
+        filler = [request.target.lm.eos_token_id]
+        return pad_groups(groups, filler)
+
+    def state_dict(self) -> dict:
+        return {
+            "capacity": self.capacity,
+            "entries": [[[list(k), v[0], v[1]] for k, v in b.items()] for b in self.entries],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.capacity = int(state["capacity"])
+        self.entries = [{tuple(k): (float(a), float(c)) for k, a, c in group} for group in state["entries"]]
+
+
+POSITIVE_SOURCES: dict[str, Callable[..., PositiveSource]] = {
+    "exact": ExactPositives,
+    "smc": SMCPositives,
+    "rejection": RejectionPositives,
+    "buffer": BufferPositives,
+}
+"""Registry: positives source name → class."""
+
+BOUNDED_ONLY = ("rejection",)
+"""Sources that need 0 ≤ φ ≤ 1."""
+
+
+def get_positive_source(name: str, target: Target, capacity: int = 0, **_: Any) -> PositiveSource:
+    if name not in POSITIVE_SOURCES:
+        raise ConfigError(f"unknown positives source {name!r}; choose from: {', '.join(POSITIVE_SOURCES)}")
+    return POSITIVE_SOURCES[name](target, capacity)

@@ -1,0 +1,64 @@
+"""The vocabulary head shared by the parametric twists: raw_v(x) = level(x) + token(x)_v.
+
+A twist head maps features x of the state s_<t to one value per token v (log ψ_t(s_<t, v), or its logit for the
+sigmoid output). It has two parts:
+
+* ``token``: a linear map to the V tokens (zero-initialised, so ψ starts constant over tokens);
+* ``level``: a linear map to **one** number shared by every token (also zero-initialised).
+
+Why the shared level. A loss only ever sees the tokens that were sampled, so with a per-token head alone the rows of
+tokens never drawn during training keep their initial value log ψ = 0 while the drawn ones move towards their targets
+— and those are mostly negative (φ ≤ 1 gives log ψ* ≤ 0; for a goal with probability 1% under p0, about −4.6). The
+twist-induced proposal q ∝ p0 ψ then favours, by a factor e^4.6 ≈ 100, exactly the tokens the twist knows nothing
+about. With the level, every gradient step also moves the shared value, so an unseen token sits at the twist's
+average value at that state and q follows p0 on it; the per-token part learns only *differences* between tokens
+(weight decay pulls it towards the level, not towards ψ = 1). The level does not change q_t at a step (a constant
+over v cancels in q_t ∝ p0 ψ_t); it carries the value estimate that the incremental weights ψ_t / ψ_t−1 need.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class VocabHead(nn.Module):
+    """raw(x) = token(x) + level(x) (broadcast over the V outputs); ``level=False`` drops the shared part."""
+
+    def __init__(self, in_features: int, vocab_size: int, level: bool = True):
+        super().__init__()
+        self.token = nn.Linear(in_features, vocab_size)
+        self.level = nn.Linear(in_features, 1) if level else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.token.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.token.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.token.out_features
+
+    @property
+    def has_level(self) -> bool:
+        return self.level is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.token(x)
+        return raw + self.level(x) if self.level is not None else raw
+
+    def reset(self, init_scale: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Biases and the level zero; token weights zero (ψ constant over tokens) or N(0, init_scale²)."""
+        with torch.no_grad():
+            self.token.bias.zero_()
+            if self.level is not None:
+                self.level.weight.zero_()
+                self.level.bias.zero_()
+            if init_scale == 0.0:
+                self.token.weight.zero_()
+            else:
+                w = torch.randn(self.token.weight.shape, generator=generator)
+                self.token.weight.copy_(init_scale * w)
