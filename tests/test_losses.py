@@ -295,15 +295,14 @@ def test_ctl_with_smc_positives_improves(target, exact):
 
 
 def test_ctl_with_replay_buffer_positives(target, exact):
-    """Buffer positives (every φ > 0 negative seen, replayed ∝ p0 φ) are σ restricted to what was seen: biased while
-    the buffer misses part of σ's mass (here 168 of 341 sequences, 1.3% of σ's mass missing after 400 steps), yet CTL
-    gets within 0.1 nats with no extra sampling for positives (measured 0.049; exact positives: 0.015)."""
+    """Buffer positives (every past negative, replayed ∝ its importance weight p0 φ / q): a consistent approximation
+    of σ from the last draws (default capacity 1024), so CTL reaches the goal with no extra sampling for positives."""
     twist = TabularTwist.for_target(target, init_scale=1.0, seed=0)
     before = exact_kl(target, twist, exact)
     train(target, twist, "ctl", steps=400, lr=0.2, positives="buffer")
     after = exact_kl(target, twist, exact)
     print(f"ctl/buffer: KL(σ‖q) {before:.3f} → {after:.4f}")
-    assert after < 2 * KL_GOAL and after < before / 20
+    assert after < KL_GOAL and after < before / 20
 
 
 # ---------------------------------------------------------------------------------------------- shapes and errors

@@ -40,28 +40,27 @@ def _samples(rows, B=2):
     return Samples(seqs, log_phi, torch.zeros_like(log_phi))
 
 
-def test_buffer_keeps_distinct_positives_per_prompt_and_evicts_lowest_mass(target):
-    buf = BufferPositives(target, capacity=2)
+def test_buffer_keeps_weighted_draws_per_prompt_and_drops_the_oldest(target):
+    buf = BufferPositives(target, capacity=3)
     rows = [([1], 0.0), ([2], -math.inf), ([1, 2], -0.5), ([1], 0.0)]  # prompt 0: rows 0-1, prompt 1: rows 2-3
-    buf.observe(_samples(rows), torch.tensor([[-1.0, -2.0], [-3.0, -1.5]], dtype=torch.float64))
-    assert buf.size(0) == 1 and buf.size(1) == 2  # φ = 0 is never a positive; duplicates are one entry
-    assert buf.entries[1][(1, 2)] == (-3.5, -0.5)
-    buf.observe(_samples([([1, 1], 0.0), ([1], 0.0), ([1, 3], 0.0), ([3], -math.inf)]),
+    buf.observe(_samples(rows), torch.tensor([[-1.0, -math.inf], [-3.0, -1.5]], dtype=torch.float64))
+    assert buf.size(0) == 1 and buf.size(1) == 2  # weight 0 (φ = 0) is never kept
+    assert buf.entries[1][0] == ([1, 2], -3.0, -0.5)
+    buf.observe(_samples([([1, 1], 0.0), ([1], 0.0), ([1, 3], 0.0), ([1], 0.0)]),
                 torch.tensor([[-0.2, -1.0], [-9.0, 0.0]], dtype=torch.float64))  # fmt: skip
-    assert set(buf.entries[0]) == {(1,), (1, 1)}
-    assert set(buf.entries[1]) == {(1,), (1, 2)}  # (1, 3) has the lowest σ̃ and is evicted at capacity 2
+    assert [e[0] for e in buf.entries[0]] == [[1], [1, 1], [1]]  # repeated draws are separate draws
+    assert [e[0] for e in buf.entries[1]] == [[1], [1, 3], [1]]  # capacity 3: the oldest ([1, 2]) is dropped
 
 
-def test_buffer_draws_proportional_to_target_mass_and_pads_empty_groups(target):
+def test_buffer_draws_proportional_to_importance_weight_and_pads_empty_groups(target):
     buf = BufferPositives(target)
-    log_p0 = torch.tensor([[math.log(0.3), math.log(0.1)], [0.0, 0.0]], dtype=torch.float64)
-    buf.observe(_samples([([1], 0.0), ([1, 1], 0.0), ([2], -math.inf), ([3], -math.inf)]), log_p0)
+    log_w = torch.tensor([[math.log(0.3), math.log(0.1)], [-math.inf, -math.inf]], dtype=torch.float64)
+    buf.observe(_samples([([1], 0.0), ([1, 1], 0.0), ([2], -math.inf), ([3], -math.inf)]), log_w)
     gen = torch.Generator().manual_seed(0)
     out = buf.draw(PositiveRequest(target, None, 4000, gen))
     assert out.log_phi.shape == (2, 4000)
-    first = out.sequences[:4000]
-    frac = sum(s == [1] for s in first) / 4000
-    assert abs(frac - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 4000)  # ∝ p0 φ: 0.3 / (0.3 + 0.1)
+    frac = sum(s == [1] for s in out.sequences[:4000]) / 4000
+    assert abs(frac - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 4000)  # ∝ w: 0.3 / (0.3 + 0.1)
     assert torch.isinf(out.log_weight[1]).all() and out.log_weight[1].lt(0).all()  # no positive for prompt 1 yet
     assert torch.equal(out.log_weight[0], torch.zeros(4000, dtype=torch.float64))
 
@@ -70,9 +69,8 @@ def test_buffer_state_round_trip(target):
     buf = BufferPositives(target, capacity=7)
     buf.observe(_samples([([1], 0.0), ([1, 4], 0.0), ([1, 1, 1], -0.1), ([2], -math.inf)]),
                 torch.full((2, 2), -1.0, dtype=torch.float64))  # fmt: skip
-    state = buf.state_dict()
     again = BufferPositives(target)
-    again.load_state_dict(state)
+    again.load_state_dict(buf.state_dict())
     assert again.capacity == 7 and again.entries == buf.entries
 
 

@@ -59,7 +59,7 @@ from twistlm.positives import (
 from twistlm.smc import run_smc
 from twistlm.target import Target
 from twistlm.twists.base import Twist
-from twistlm.twists.features import prefix_features, prefix_log_psi, sequence_log_p0
+from twistlm.twists.features import prefix_features, prefix_log_psi
 from twistlm.twists.io import load_twist_state, read_weights, save_twist
 
 PROPOSALS = ("base", "twisted")
@@ -306,10 +306,9 @@ class TwistTrainer:
             target.lm, target.prompt_ids, samples.sequences, prompt_index=index, max_new_tokens=target.max_new_tokens
         )
 
-    def compute_loss(self, negatives: Samples, positives: Samples | None, neg_feats=None) -> torch.Tensor:
+    def compute_loss(self, negatives: Samples, positives: Samples | None) -> torch.Tensor:
         """The configured loss on stored samples (base-LM features without grad; the twist with grad)."""
-        feats = neg_feats if neg_feats is not None else self._features(negatives)
-        neg = self._rollouts(negatives, feats, self.proposal)
+        neg = self._rollouts(negatives, self._features(negatives), self.proposal)
         pos = None
         if positives is not None:
             # The positives' proposal does not enter any loss (only their data weights do).
@@ -320,11 +319,10 @@ class TwistTrainer:
         """Sample, compute the loss, take one optimizer step; returns the loss and the negatives' results."""
         self.twist.train()
         negatives, results = self._negatives()
-        neg_feats = self._features(negatives)
-        if self.loss.needs_positives:
-            self.positive_source.observe(negatives, sequence_log_p0(neg_feats).view_as(negatives.log_phi))
+        if self.loss.needs_positives:  # SIS negatives: log_weights = log σ̃(s) − log q(s) exactly
+            self.positive_source.observe(negatives, torch.stack([r.log_weights.double() for r in results]))
         positives = self._positives()
-        loss = self.compute_loss(negatives, positives, neg_feats)
+        loss = self.compute_loss(negatives, positives)
         self.accelerator.backward(loss)
         if self.accelerator.num_processes > 1:
             for p in self.params:

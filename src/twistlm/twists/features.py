@@ -178,12 +178,6 @@ def prefix_features(
     return PrefixFeatures(hidden, logp0, mask, tokens, lengths, prompt_index, prompt_ids, pad)
 
 
-def sequence_log_p0(feats: PrefixFeatures) -> torch.Tensor:
-    """(N,) log p0(s) of the stored sequences (sum of log p0(s_t | s_<t) over the steps taken), float64."""
-    lp = feats.logp0.gather(-1, feats.tokens.unsqueeze(-1).to(feats.logp0.device)).squeeze(-1).double()
-    return torch.where(feats.mask.to(lp.device), lp, torch.zeros_like(lp)).sum(dim=1)
-
-
 def prefix_log_psi(twist: Twist, feats: PrefixFeatures) -> torch.Tensor:
     """(N, T, V) log ψ_t(s_<t, ·) at every step of the stored sequences, with grad for the twist's parameters.
 
