@@ -134,3 +134,19 @@ def test_evaluate_bdmc_and_no_exact(tmp_path):
 def test_evaluate_bad_input_exits_2(tmp_path, capsys, args, message):
     assert _run([*args, "--model", "toy", "--seeds", "4", "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_reference_log_z_uses_rejection_only_when_no_lower_bound_is_finite():
+    """A rare goal: every run missed φ > 0, so the midpoint rule would return the upper bound alone."""
+    from types import SimpleNamespace
+
+    from twistlm.report import reference_log_z
+
+    info = {"method": "rejection", "num_accepted": 3, "log_z_hat": -5.11}
+    none_finite = SimpleNamespace(tightest=lambda: (-math.inf, -3.70))
+    finite = SimpleNamespace(tightest=lambda: (-4.5, -3.70))
+    assert reference_log_z(none_finite, info) == -5.11
+    assert reference_log_z(finite, info) is None
+    assert reference_log_z(none_finite, {**info, "num_accepted": 0}) is None
+    assert reference_log_z(none_finite, {"method": "bdmc"}) is None
+    assert reference_log_z(none_finite, None) is None

@@ -84,7 +84,9 @@ def kl_from_log_weights(
     return KLEstimate(proposal, kl_q, kl_s, total, log_z_best, log_z_source)
 
 
-def kl_from_bounds(bounds: BoundsResult, log_z: float | None = None) -> dict[str, KLEstimate]:
+def kl_from_bounds(
+    bounds: BoundsResult, log_z: float | None = None, log_z_source: str = "exact"
+) -> dict[str, KLEstimate]:
     """KL estimates reusing the K = 1 runs of :func:`twistlm.bounds.log_z_bounds` (which must include K = 1).
 
     At K = 1 the lower-bound runs are K = 1 SIS (their log Ẑ are log w of q samples) and the upper-bound runs are
@@ -92,7 +94,7 @@ def kl_from_bounds(bounds: BoundsResult, log_z: float | None = None) -> dict[str
     """
     if 1 not in bounds.particle_counts:
         raise ConfigError("KL estimates need the K = 1 runs: include 1 in the particle counts")
-    best, source = (log_z, "exact") if log_z is not None else (bounds.best_log_z(), "bounds")
+    best, source = (log_z, log_z_source) if log_z is not None else (bounds.best_log_z(), "bounds")
     out = {}
     for name in bounds.proposals:
         e = bounds.entry(name, 1)
@@ -110,14 +112,15 @@ def kl_estimates(
     bounds: BoundsResult | None = None,
     seed: int = 0,
     max_batch_particles: int = 4096,
+    log_z_source: str = "exact",
 ) -> dict[str, KLEstimate]:
     """KL(q‖σ), KL(σ‖q) and their sum for every proposal from ``num_runs`` K = 1 runs (one exact sample per σ run).
 
-    log Ẑ_best is ``log_z`` (exact) if given, else ``bounds.best_log_z()``; one of them is required.
+    log Ẑ_best is ``log_z`` (named by ``log_z_source``) if given, else ``bounds.best_log_z()``; one is required.
     """
     if log_z is None and bounds is None:
         raise ConfigError("KL estimates need log Z: give the exact log_z or a BoundsResult (bounds=...)")
-    best, source = (log_z, "exact") if log_z is not None else (bounds.best_log_z(), "bounds")
+    best, source = (log_z, log_z_source) if log_z is not None else (bounds.best_log_z(), "bounds")
     runs = run_layout(target, num_runs)
     refs = None if exact_samples is None else [list(s) for s in exact_samples][: len(runs)]
     out = {}
