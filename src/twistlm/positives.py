@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -219,7 +219,7 @@ BOUNDED_ONLY = ("rejection",)
 """Sources that need 0 ≤ φ ≤ 1."""
 
 
-def get_positive_source(name: str, target: Target, capacity: int = 0, **_: Any) -> PositiveSource:
+def get_positive_source(name: str, target: Target, capacity: int = 0) -> PositiveSource:
     if name not in POSITIVE_SOURCES:
         raise ConfigError(f"unknown positives source {name!r}; choose from: {', '.join(POSITIVE_SOURCES)}")
     return POSITIVE_SOURCES[name](target, capacity)

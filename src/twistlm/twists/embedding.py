@@ -16,19 +16,14 @@ model when the twist is built or loaded (a twist for another model is refused, a
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from twistlm.errors import ConfigError
 from twistlm.lm import HFLM, ParticleLM
-from twistlm.twists.base import Twist, TwistContext
+from twistlm.twists.head import EmbeddingHead
 from twistlm.twists.io import check_compatible, load_twist_state, read_config, read_weights
-from twistlm.twists.mlp import apply_output, check_output, mlp_layers, seeded_init
-
-if TYPE_CHECKING:  # pragma: no cover
-    from twistlm.twists.features import PrefixFeatures
+from twistlm.twists.mlp import MLPTwist, seeded_init
 
 
 def output_embeddings(lm: ParticleLM) -> torch.Tensor:
@@ -42,8 +37,9 @@ def output_embeddings(lm: ParticleLM) -> torch.Tensor:
     raise ConfigError(f"the embedding twist needs the base model's output embeddings; {type(lm).__name__} has none")
 
 
-class EmbeddingTwist(Twist):
-    """log ψ_t(s_<t, v) = level(g) + (W g)ᵀ e_v + b_v with g = MLP(h_t) (see the module docstring)."""
+class EmbeddingTwist(MLPTwist):
+    """log ψ_t(s_<t, v) = level(g) + (W g)ᵀ e_v + b_v with g = MLP(h_t) (see the module docstring): an
+    :class:`~twistlm.twists.mlp.MLPTwist` whose output layer is an :class:`~twistlm.twists.head.EmbeddingHead`."""
 
     kind = "embedding"
 
@@ -56,18 +52,12 @@ class EmbeddingTwist(Twist):
         output: str = "log",
         base_model: str = "",
     ):
-        super().__init__()
-        if width < 1 or depth < 0:
-            raise ConfigError(f"embedding twist needs width ≥ 1 and depth ≥ 0, got width={width}, depth={depth}")
-        vocab_size, embed_size = embeddings.shape
-        self.hidden_size, self.vocab_size, self.width, self.depth = hidden_size, int(vocab_size), width, depth
-        self.output = check_output(output)
-        self.base_model = base_model
-        self.net, size = mlp_layers(hidden_size, width, depth)
-        self.project = nn.Linear(size, int(embed_size), bias=False)
-        self.level = nn.Linear(size, 1)
-        self.token_bias = nn.Parameter(torch.zeros(int(vocab_size)))
-        self.register_buffer("embeddings", embeddings, persistent=False)
+        self._init_embeddings = embeddings  # read once by _vocab_head during MLPTwist.__init__
+        super().__init__(hidden_size, int(embeddings.shape[0]), width, depth, output, base_model)
+        del self._init_embeddings
+
+    def _vocab_head(self, size: int, vocab_size: int, level: bool) -> EmbeddingHead:
+        return EmbeddingHead(size, self._init_embeddings)
 
     @classmethod
     def for_lm(
@@ -85,40 +75,8 @@ class EmbeddingTwist(Twist):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         emb = output_embeddings(lm).to(dtype)
         twist = seeded_init(lambda: cls(emb, lm.hidden_size, width, depth, output, lm.name), seed)
-        with torch.no_grad():
-            twist.level.weight.zero_()
-            twist.level.bias.zero_()
-            if init_scale == 0.0:
-                twist.project.weight.zero_()
-            else:
-                g = torch.Generator().manual_seed(seed + 1)
-                twist.project.weight.copy_(init_scale * torch.randn(twist.project.weight.shape, generator=g))
+        twist.out.reset(init_scale, torch.Generator().manual_seed(seed + 1))
         return twist.to(device=lm.device, dtype=dtype)
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.project.weight
-        g = self.net(hidden.to(device=w.device, dtype=w.dtype))
-        raw = self.project(g) @ self.embeddings.T + self.token_bias + self.level(g)
-        return apply_output(raw, self.output)
-
-    def log_psi(self, ctx: TwistContext) -> torch.Tensor:
-        return self._head(ctx.hidden).to(ctx.hidden.device)
-
-    def log_psi_prefixes(self, feats: PrefixFeatures) -> torch.Tensor:
-        """(N, T, V) log ψ_t(s_<t, ·) for every step of stored sequences (with grad; see :mod:`.features`)."""
-        return self._head(feats.hidden)
-
-    def config(self) -> dict:
-        return {
-            "kind": self.kind,
-            "hidden_size": self.hidden_size,
-            "vocab_size": self.vocab_size,
-            "width": self.width,
-            "depth": self.depth,
-            "output": self.output,
-            "dtype": str(self.project.weight.dtype).removeprefix("torch."),
-            "base_model": self.base_model,
-        }
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, lm: ParticleLM | None = None) -> EmbeddingTwist:

@@ -48,7 +48,8 @@ class VocabHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raw = self.token(x)
-        return raw + self.level(x) if self.level is not None else raw
+        # In place: Linear's backward does not need its output, and this saves one (rows, V) buffer per call.
+        return raw.add_(self.level(x)) if self.level is not None else raw
 
     def reset(self, init_scale: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Biases and the level zero; token weights zero (ψ constant over tokens) or N(0, init_scale²)."""
@@ -62,3 +63,42 @@ class VocabHead(nn.Module):
             else:
                 w = torch.randn(self.token.weight.shape, generator=generator)
                 self.token.weight.copy_(init_scale * w)
+
+
+class EmbeddingHead(nn.Module):
+    """raw(x)_v = (W x)ᵀ e_v + b_v + level(x): tokens scored against fixed embeddings e (V, E) — the base LM's own
+    output embeddings for :class:`~twistlm.twists.embedding.EmbeddingTwist`. e is a non-persistent buffer (not
+    saved: it is read from the base model); W, b and the level are the parameters, all zero after :meth:`reset`."""
+
+    has_level = True
+
+    def __init__(self, in_features: int, embeddings: torch.Tensor):
+        super().__init__()
+        vocab_size, embed_size = (int(n) for n in embeddings.shape)
+        self.project = nn.Linear(in_features, embed_size, bias=False)
+        self.level = nn.Linear(in_features, 1)
+        self.token_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.register_buffer("embeddings", embeddings, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.project.weight
+
+    @property
+    def out_features(self) -> int:
+        return self.token_bias.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # matmul's backward needs its inputs, not its output, so the additions can be in place.
+        return (self.project(x) @ self.embeddings.T).add_(self.token_bias).add_(self.level(x))
+
+    def reset(self, init_scale: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Level and token bias zero; W zero (ψ constant over tokens) or N(0, init_scale²)."""
+        with torch.no_grad():
+            self.level.weight.zero_()
+            self.level.bias.zero_()
+            self.token_bias.zero_()
+            if init_scale == 0.0:
+                self.project.weight.zero_()
+            else:
+                self.project.weight.copy_(init_scale * torch.randn(self.project.weight.shape, generator=generator))

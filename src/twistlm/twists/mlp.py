@@ -79,7 +79,11 @@ class MLPTwist(Twist):
         self.output = check_output(output)
         self.base_model = base_model
         self.net, size = mlp_layers(hidden_size, width, depth)
-        self.out = VocabHead(size, vocab_size, level=level)
+        self.out = self._vocab_head(size, vocab_size, level)
+
+    def _vocab_head(self, size: int, vocab_size: int, level: bool) -> nn.Module:
+        """The output layer from the MLP features to the V tokens (subclasses score tokens differently)."""
+        return VocabHead(size, vocab_size, level=level)
 
     @classmethod
     def for_lm(
