@@ -197,11 +197,12 @@ def test_trainer_runs_logs_saves_and_loads(tmp_path, lm, target):
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-40"]  # save_total_limit=1 removed checkpoint-20
     ckpt = out / "checkpoint-40"
     for name in (
-        "twist/twist.safetensors",
-        "twist/twist_config.json",
+        "model/twist.safetensors",
+        "model/twist_config.json",
         "optimizer.pt",
         "scheduler.pt",
-        "rng_state.pt",
+        "rng_state_0.safetensors",
+        "rng_state_0.json",
         "trainer_state.json",
     ):
         assert (ckpt / name).is_file(), name
@@ -710,7 +711,7 @@ def test_cli_train_twist_end_to_end(tmp_path, toy_task, capsys):
         ),
         (["--task", "toy-letter", "--loss", "fudge", "--twist-kind", "linear"], "no sigmoid output"),
         (["--task", "toy-letter", "--positives", "oracle"], "unknown positives source"),
-        (["--task", "toy-letter", "-t", "momentum=0.9"], "unknown --train-option 'momentum'; choose from: buffer_size"),
+        (["--task", "toy-letter", "-t", "momentum=0.9"], "unknown --train-option 'momentum'; choose from: adam_beta1"),
         (["--task", "toy-letter", "-t", "loss=rl"], "use its own flag"),
         (["--task", "toy-letter", "-t", "max_grad_norm=big"], "max_grad_norm='big': expected float"),
     ],

@@ -337,7 +337,8 @@ def load_lm(name_or_path: str | os.PathLike | None = None, *, device: str | torc
         directory, name = embedded.cached_gguf_model(name_or_path), str(name_or_path)
     else:
         directory, name = str(name_or_path), str(name_or_path)
-    model, tokenizer = embedded.load_hf(directory)
+    cached = name_or_path is None or str(name_or_path).endswith(".gguf")
+    model, tokenizer = embedded.load_cached(directory) if cached else embedded.load_hf(directory)
     if device is not None:
         model = model.to(device)
     return HFLM(model, tokenizer, name=name)

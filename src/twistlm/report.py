@@ -23,6 +23,7 @@ from typing import Any
 from twistlm.bounds import BoundsResult, Estimate, ProgressCallback, log_z_bounds
 from twistlm.errors import ConfigError
 from twistlm.exact import MAX_ENUMERATED, enumerate_target
+from twistlm.files import apply_umask
 from twistlm.kl import KLEstimate, kl_estimates, kl_from_bounds
 from twistlm.target import Target
 
@@ -181,7 +182,7 @@ def _jsonable(obj: Any) -> Any:
 def _atomic_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
+    apply_umask(tmp)  # mkstemp makes 0600 files; results are meant to be shared
     return Path(tmp)
 
 

@@ -36,12 +36,17 @@ def normalized_weights(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def ess(log_w: torch.Tensor) -> torch.Tensor:
-    """Effective sample size (Σ e^W)² / Σ e^{2W} per group; 0 for a group whose weights are all zero."""
+    """Effective sample size (Σ e^W)² / Σ e^{2W} per group; 0 for a group whose weights are all zero.
+
+    Computed from W − max W (so 2W cannot overflow, e.g. for W = ±1e308); NaN in a group gives NaN."""
     log_w = log_w.to(torch.float64)
-    num = 2 * torch.logsumexp(log_w, dim=-1)
-    den = torch.logsumexp(2 * log_w, dim=-1)
+    top = log_w.amax(dim=-1, keepdim=True)
+    dead = torch.isneginf(top)
+    shifted = log_w - torch.where(dead, torch.zeros_like(top), top)
+    num = 2 * torch.logsumexp(shifted, dim=-1)
+    den = torch.logsumexp(2 * shifted, dim=-1)
     out = torch.exp(num - den)
-    return torch.where(torch.isneginf(den), torch.zeros_like(out), out)
+    return torch.where(dead.squeeze(-1), torch.zeros_like(out), out)
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -15,15 +15,25 @@ tokens and ancestry are fixed, the other K−1 particles choose ancestors among 
 E[log Ẑ] ≥ log Z when the reference is an exact sample of σ.
 
 With ``target.tool`` (see :mod:`twistlm.tools`), tokens a tool returns are forced one per step: p0 = q = 1 for them.
+
+Tempered proposal (``proposal="tempered"``, temperature τ > 0): q_t(v) ∝ (p0(v | s_<t) ψ_t(s_<t, v))^{1/τ}, ψ ≡ 1
+without a twist, normalised by an exact logsumexp over the vocabulary. The weights stay exact: the general w_t above
+with log q_t(s_t) = (log p0 + log ψ_t)(s_t) / τ − log Σ_v (p0 ψ_t)(v)^{1/τ}, so Ẑ is unbiased for Z at every τ
+(τ = 1 is the base proposal, or the twist-induced one with a twist). ``proposal="greedy"`` takes argmax_v p0 ψ_t at
+every step (the τ → 0 limit; ties go to the lowest token id; no random draw) and treats q as the point mass on it
+(log q = 0). Its weights are therefore not importance weights: W = log p0(s) φ(s) of the decoded sequence, and
+log Ẑ = log p0(s) φ(s) ≤ log Z is not an estimate of log Z.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 
 import torch
 
 from twistlm.errors import ConfigError, TwistLMError
+from twistlm.memory import BASE_VOCAB_BUFFERS, PROPOSAL_VOCAB_BUFFERS, check_sampler_memory
 from twistlm.resampling import categorical, get_resampler, log_mean_exp, multinomial
 from twistlm.resampling import ess as compute_ess
 from twistlm.result import SMCResult
@@ -31,9 +41,16 @@ from twistlm.target import Target
 from twistlm.tools import ToolQueue
 from twistlm.twists.base import Twist, TwistContext
 
-PROPOSALS = ("base", "twisted")
+PROPOSALS = ("base", "twisted", "tempered")
+"""Proposals with exact importance weights (Ẑ unbiased for Z): what bounds, KL estimates and ``twistlm sample`` use."""
+DECODERS = ("greedy",)
+"""Deterministic decoding through the same loop (``twistlm solve``); its weights are p0·φ of the path, not
+importance weights."""
 StepCallback = Callable[[int, int, dict], None]
 """Called after every step as ``callback(t, T, info)``; ``info`` has ``ess`` (mean over groups) and ``finished``."""
+MAX_SEED = 2**64 - 1
+FLOAT32_SAFE_LOG = 1e4
+"""Above this |log Z_t| the float32 normaliser of the twisted proposal loses precision: it is redone in float64."""
 
 
 class _Reference:
@@ -54,13 +71,19 @@ class _Reference:
         self.rows = torch.arange(len(reference)) * num_particles
 
 
-def _check_inputs(target: Target, num_particles: int, proposal: str, twist: Twist | None, ess_threshold: float):
-    if not isinstance(num_particles, int) or num_particles < 1:
+def _check_inputs(
+    target: Target, num_particles: int, proposal: str, twist: Twist | None, ess_threshold: float, temperature: float = 1.0
+):
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ConfigError(f"num_particles must be a positive integer, got {num_particles!r}")
-    if proposal not in PROPOSALS:
-        raise ConfigError(f"unknown proposal {proposal!r}; choose from: {', '.join(PROPOSALS)}")
+    if proposal not in PROPOSALS + DECODERS:
+        raise ConfigError(f"unknown proposal {proposal!r}; choose from: {', '.join(PROPOSALS + DECODERS)}")
     if proposal == "twisted" and twist is None:
         raise ConfigError("the twisted proposal needs a twist (twist=...)")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if temperature != 1.0 and proposal != "tempered":
+        raise ConfigError(f"temperature {temperature:g} needs proposal='tempered' (got proposal={proposal!r})")
     if not 0.0 <= ess_threshold <= 1.0:
         raise ConfigError(f"ess_threshold κ must lie in [0, 1], got {ess_threshold}")
 
@@ -72,6 +95,7 @@ def run_smc(
     *,
     proposal: str = "base",
     twist: Twist | None = None,
+    temperature: float = 1.0,
     resampler: str = "systematic",
     ess_threshold: float = 1.0,
     seed: int | None = 0,
@@ -79,11 +103,18 @@ def run_smc(
     reference: Sequence[Sequence[int]] | None = None,
     callback: StepCallback | None = None,
 ) -> list[SMCResult]:
-    """Run B = target.num_prompts independent groups of K particles; one :class:`SMCResult` per prompt."""
-    _check_inputs(target, num_particles, proposal, twist, ess_threshold)
+    """Run B = target.num_prompts independent groups of K particles; one :class:`SMCResult` per prompt.
+
+    ``seed``: an integer in [0, 2^64 − 1] makes the run reproducible; ``None`` draws fresh entropy
+    (``secrets.randbits(63)``), so two runs differ. Ignored when a ``generator`` is given.
+    """
+    _check_inputs(target, num_particles, proposal, twist, ess_threshold, temperature)
+    _check_memory(target, num_particles, proposal)
     resample = get_resampler(resampler)
     lm, K, B, T = target.lm, num_particles, target.num_prompts, target.max_new_tokens
-    gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
+    if generator is None:
+        seed = secrets.randbits(63) if seed is None else check_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     token_gen = _device_generator(gen, lm.device)
     N, pad = B * K, lm.eos_token_id
     ref = _Reference(target, reference, K, pad) if reference is not None else None
@@ -116,19 +147,33 @@ def run_smc(
         log_psi = None
         if twist is not None:
             ctx = TwistContext(state.hidden, tokens[:, : t - 1], t, T, prompt_index)
-            log_psi = twist.log_psi(ctx).to(device=logp0.device, dtype=logp0.dtype)
+            raw_psi = twist.log_psi(ctx)
+            log_psi = raw_psi.to(device=logp0.device, dtype=logp0.dtype)
         if proposal == "twisted":
             logits_q = logp0 + log_psi
             if not bool(active.all()):  # finished rows: any valid distribution (their draw is discarded)
                 logits_q[~active_dev] = logp0[~active_dev]
             log_zt = torch.logsumexp(logits_q, dim=-1)
+            if not bool((log_zt.abs() < FLOAT32_SAFE_LOG)[active_dev].all()):  # rare: ψ = 0, NaN/inf or huge ψ
+                logits_q, log_zt = _twisted_logits_f64(logp0, raw_psi, active_dev, twist, t)
+            probs = logits_q.sub_(log_zt[:, None]).exp_()  # in place: one (N, V) buffer fewer at large K
+        elif proposal == "tempered":  # q_t ∝ (p0 ψ_t)^{1/τ}
+            logits_q = (logp0 if log_psi is None else logp0 + log_psi) / temperature
+            if not bool(active.all()):
+                logits_q[~active_dev] = logp0[~active_dev]
+            log_zt = torch.logsumexp(logits_q, dim=-1)
             if torch.isneginf(log_zt[active_dev]).any():
                 raise TwistLMError(f"the twist gives ψ = 0 to every token at step {t}: the proposal is undefined")
-            probs = logits_q.sub_(log_zt[:, None]).exp_()  # in place: one (N, V) buffer fewer at large K
+            probs = logits_q.sub_(log_zt[:, None]).exp_()
+        elif proposal == "greedy":
+            probs = None
         else:
             probs = torch.exp(logp0)
         # Token draws happen where the model lives; the bookkeeping (weights, tokens, ancestry) stays on the CPU.
-        s = categorical(probs, token_gen).cpu()
+        if probs is not None:
+            s = categorical(probs, token_gen).cpu()
+        else:
+            s = (logp0 if log_psi is None else logp0 + log_psi).argmax(dim=-1).cpu()
         if ref is not None:
             s[ref.rows] = ref.tokens[:, t - 1]
         forced = tools.force(s, active) if tools is not None else None
@@ -146,7 +191,8 @@ def run_smc(
         stop_now = active & is_stop[s]
         finishing = stop_now | (active if t == T else torch.zeros_like(active))
         if log_psi is not None:
-            lpsi = log_psi.gather(1, s[:, None].to(log_psi.device)).squeeze(1).to(device="cpu", dtype=f64)
+            lpsi = raw_psi.gather(1, s[:, None].to(raw_psi.device)).squeeze(1).to(device="cpu", dtype=f64)
+            _check_twist_values(lpsi, active, twist, t)
         else:
             lpsi = torch.zeros(N, dtype=f64)
         cur = lpsi.clone()
@@ -159,6 +205,11 @@ def run_smc(
             log_phi[rows] = phi
         if proposal == "twisted":
             inc = log_zt.to(device="cpu", dtype=f64) - prev_log_psi + torch.where(finishing, cur - lpsi, torch.zeros_like(cur))
+        elif proposal == "tempered":  # log p0(s_t) − log q_t(s_t), q_t exactly normalised
+            log_q = (lp0 + lpsi) / temperature - log_zt.to(device="cpu", dtype=f64)
+            inc = lp0 - log_q + cur - prev_log_psi
+        elif proposal == "greedy":  # q = point mass (log q = 0): not an importance weight
+            inc = lp0 + cur - prev_log_psi
         else:
             inc = cur - prev_log_psi  # p0 / q cancels
         if forced is not None:  # tool tokens: p0 = q = 1, only the twist ratio (or φ) remains
@@ -213,6 +264,53 @@ def run_smc(
     return _results(target, tokens, log_w, log_z, log_phi, by_stop, ess_trace, events)
 
 
+def check_seed(seed: int) -> int:
+    """A seed torch accepts: an integer in [0, 2^64 − 1] (bools refused)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in [0, 2^64 − 1], got {seed!r}")
+    return seed
+
+
+def _check_memory(target: Target, num_particles: int, proposal: str) -> None:
+    """Refuse a run whose (N, V) buffers and KV cache cannot fit (see :mod:`twistlm.memory`)."""
+    buffers = BASE_VOCAB_BUFFERS + (PROPOSAL_VOCAB_BUFFERS if proposal != "base" else 0)
+    seq_len = max(len(ids) for ids in target.prompt_ids) + target.max_new_tokens
+    rows = target.num_prompts * num_particles
+    check_sampler_memory(target.lm, rows, seq_len, target.max_new_tokens, buffers)
+
+
+def _twist_label(twist) -> str:
+    name = getattr(twist, "name", None)
+    return type(twist).__name__ + (f" {name!r}" if isinstance(name, str) else "")
+
+
+def _check_twist_values(log_psi: torch.Tensor, active: torch.Tensor, twist, t: int) -> None:
+    """NaN or +inf log ψ on an unfinished particle is an error naming the twist (−inf, i.e. ψ = 0, is allowed)."""
+    bad = torch.isnan(log_psi) | torch.isposinf(log_psi)
+    bad = (bad.any(dim=-1) if bad.dim() > 1 else bad) & active.to(bad.device)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise TwistLMError(
+            f"twist {_twist_label(twist)} returned NaN or +inf log ψ at step {t} (particle {row}): log ψ must be "
+            "finite or −inf (retrain it, e.g. with a smaller learning rate)"
+        )
+
+
+def _twisted_logits_f64(logp0, log_psi, active, twist, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twisted proposal's logits log p0 + log ψ and their logsumexp in float64, the twist's values checked
+    first (slow path for ψ = 0 rows, non-finite or huge log ψ)."""
+    _check_twist_values(log_psi, active, twist, t)
+    logp0 = logp0.to(torch.float64)
+    logits = logp0 + log_psi.to(device=logp0.device, dtype=torch.float64)
+    logits[~active] = logp0[~active]
+    log_zt = torch.logsumexp(logits, dim=-1)
+    if torch.isneginf(log_zt[active]).any():
+        raise TwistLMError(f"the twist gives ψ = 0 to every token at step {t}: the proposal is undefined")
+    if not bool(torch.isfinite(log_zt[active]).all()):
+        raise TwistLMError(f"twist {_twist_label(twist)}: the proposal's normaliser is not finite at step {t}")
+    return logits, log_zt
+
+
 def _device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
     """A generator on the model's device, seeded from ``gen`` (the same generator when that is already there)."""
     if torch.device(gen.device).type == torch.device(device).type:
@@ -259,7 +357,8 @@ def _trim(row: list[int], stop_ids: Sequence[int], stopped: bool) -> list[int]:
 def smc(target: Target, num_particles: int = 64, **kwargs) -> SMCResult | list[SMCResult]:
     """SMC (default: base proposal p0, systematic resampling every step). One result, or a list for several prompts.
 
-    Keyword arguments: ``proposal`` ("base" | "twisted"), ``twist``, ``resampler``, ``ess_threshold`` κ ∈ [0, 1],
+    Keyword arguments: ``proposal`` ("base" | "twisted" | "tempered" | "greedy"), ``twist``, ``temperature`` τ
+    (tempered proposal only), ``resampler``, ``ess_threshold`` κ ∈ [0, 1],
     ``seed`` or ``generator``, ``reference`` (conditional SMC), ``callback``; see :func:`run_smc`.
     """
     results = run_smc(target, num_particles, **kwargs)

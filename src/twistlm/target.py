@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,16 @@ class Target:
     @property
     def num_prompts(self) -> int:
         return len(self.prompt_ids)
+
+    def select(self, indices: Sequence[int]) -> Target:
+        """The same target over prompts ``indices`` (in that order, repeats allowed), extras sliced alike."""
+        sub = copy.copy(self)
+        sub.prompts = [self.prompts[i] for i in indices]
+        sub.prompt_ids = [self.prompt_ids[i] for i in indices]
+        sub.prompt_texts = [self.prompt_texts[i] for i in indices]
+        sub.extras = {k: [v[i] for i in indices] for k, v in self.extras.items()}
+        sub.prompt = None
+        return sub
 
     def completion_ids(self, generated: Sequence[int]) -> list[int]:
         """The completion's tokens as potentials see them: a final EOS (when it stops the particle) dropped."""

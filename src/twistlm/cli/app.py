@@ -20,6 +20,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 USAGE_ERROR = 2
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 
 
 def _exception_classes(name: str) -> tuple[type, ...]:
@@ -48,10 +50,18 @@ def fail(message: str) -> None:
     raise TwistLMError(message)
 
 
+def _interrupted() -> int:
+    err_console.print("interrupted", highlight=False)
+    return INTERRUPTED
+
+
 def run_app(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted by Ctrl-C)."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Non-standalone typer returns the exit code of a ctx.exit() / Ctrl-C (130) instead of raising it.
+        code = app(args=argv, standalone_mode=False)
+    except KeyboardInterrupt:
+        return _interrupted()
     except TwistLMError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return USAGE_ERROR
@@ -62,11 +72,15 @@ def run_app(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
         return USAGE_ERROR
     except _EXITS as exc:
-        return exc.exit_code
-    except _ABORTS:
+        return _interrupted() if exc.exit_code == INTERRUPTED else exc.exit_code
+    except _ABORTS as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):  # older click: Ctrl-C becomes Abort
+            return _interrupted()
         err_console.print("aborted")
         return 1
-    return 0
+    if code == INTERRUPTED:
+        return _interrupted()
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 def main() -> None:

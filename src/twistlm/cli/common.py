@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from twistlm.errors import ConfigError, ModelLoadError, TwistLMError
+from twistlm.files import apply_umask
 from twistlm.lm import ParticleLM, load_lm
 from twistlm.twists.base import Twist
 
@@ -52,12 +53,12 @@ def check_model(name: str | None) -> None:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {name}")
-    elif name.startswith((".", "/", "~")) and not path.is_dir():
-        raise ModelLoadError(f"model path not found: {name}")
     elif path.exists() and not path.is_dir():
         raise ModelLoadError(
-            f"model path is not a directory: {name} (give a model directory, a .gguf file or a hub id)"
+            f"model path {name} is a file, not a model directory (give a model directory, a .gguf file or a hub id)"
         )
+    elif name.startswith((".", "/", "~")) and not path.is_dir():
+        raise ModelLoadError(f"model path not found: {name}")
 
 
 TOY_MODEL = "toy"
@@ -162,6 +163,7 @@ def write_json(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(json_safe(data), f, indent=2, ensure_ascii=False, allow_nan=False)
             f.write("\n")
+        apply_umask(tmp)  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -182,3 +184,57 @@ def check_task_options(task: Any, options: dict[str, Any]) -> None:
     if unknown:
         allowed = ", ".join(n for n in named if n != "max_new_tokens") or "(none)"
         raise ConfigError(f"task {task.name!r} has no option {unknown[0]!r}; its options: {allowed}")
+
+
+# ------------------------------------------------------------------------------------------- trainer configs
+
+
+def config_options(config_cls: type, options: dict, flag_fields: tuple[str, ...]) -> dict:
+    """``--train-option key=value`` values checked against the dataclass ``config_cls`` and converted to each field's
+    type; fields that have their own flag (``flag_fields``) are refused, so one setting has one spelling."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    out = {}
+    for key, value in options.items():
+        if key in flag_fields:
+            raise ConfigError(f"--train-option {key}: use its own flag (--{key.replace('_', '-')} or see --help)")
+        if key not in fields:
+            choices = ", ".join(sorted(k for k in fields if k not in flag_fields))
+            raise ConfigError(f"unknown --train-option {key!r}; choose from: {choices}")
+        declared = fields[key].type  # a string, or the class once HfArgumentParser has resolved the annotations
+        kind = declared if isinstance(declared, str) else getattr(declared, "__name__", str(declared))
+        try:
+            if str(value).lower() == "none" and "None" in kind:
+                out[key] = None
+            elif "bool" in kind:
+                out[key] = str(value).lower() in ("1", "true", "yes")
+            elif "float" in kind:
+                out[key] = float(value)
+            elif "int" in kind:
+                out[key] = int(value)
+            else:
+                out[key] = str(value)
+        except ValueError:
+            raise ConfigError(f"--train-option {key}={value!r}: expected {kind}") from None
+    return out
+
+
+class TrainingProgress:
+    """A ``TrainerCallback``-style progress bar: steps, and the last logged values of ``keys`` ((key, label) pairs)."""
+
+    def __init__(self, progress: Any, max_steps: int, keys: tuple[tuple[str, str], ...]):
+        self.progress, self.keys = progress, keys
+        self.bar = progress.add_task("training", total=max_steps, status=self._status({}))
+
+    def _status(self, logs: dict) -> str:
+        return " · ".join(f"{label} {logs.get(key, math.nan):.4g}" for key, label in self.keys)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress.update(self.bar, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(self.bar, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.progress.update(self.bar, status=self._status(logs or {}))

@@ -35,7 +35,7 @@ from twistlm.lm import ParticleLM, Prompt
 from twistlm.potentials import Potential, potential_from_spec
 from twistlm.resampling import RESAMPLERS, get_resampler
 from twistlm.result import SMCResult
-from twistlm.smc import PROPOSALS, run_smc
+from twistlm.smc import MAX_SEED, PROPOSALS, run_smc
 from twistlm.target import Target
 from twistlm.tasks.registry import Task, get_task
 from twistlm.twists.base import Twist
@@ -82,13 +82,24 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None, chat: bool) -> Pr
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise TwistLMError(f"prompt file not found: {prompt_file}")
-        prompt = prompt_file.read_text(encoding="utf-8").rstrip("\r\n")
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise TwistLMError(f"prompt file {prompt_file} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+        except OSError as exc:
+            raise TwistLMError(f"cannot read prompt file {prompt_file}: {exc.strerror or exc}") from exc
         if not prompt.strip():
             raise TwistLMError(f"prompt file is empty: {prompt_file}")
+    elif not prompt.strip():
+        raise TwistLMError("--prompt is empty: give some text to continue")
     return [{"role": "user", "content": prompt}] if chat else prompt
 
 
-def _check_numbers(particles: int, max_new_tokens: int | None, ess_threshold: float, top: int) -> None:
+def _check_numbers(
+    particles: int, max_new_tokens: int | None, ess_threshold: float, top: int, seed: int = 0
+) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must lie in [0, 2^64 − 1], got {seed}")
     if particles < 1:
         raise ConfigError(f"--particles must be at least 1, got {particles}")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -129,6 +140,7 @@ def _sparkline(values: list[float], top: float) -> str:
     if not values:
         return ""
     size = math.ceil(len(values) / SPARK_WIDTH)
+    values = [v if math.isfinite(v) else 0.0 for v in values]  # a NaN ESS shows as the lowest bar
     buckets = [min(values[i : i + size]) for i in range(0, len(values), size)]
     levels = len(SPARK_CHARS) - 1
     return "".join(SPARK_CHARS[max(0, min(levels, round(levels * v / top)))] for v in buckets)
@@ -323,7 +335,7 @@ def sample(
     """Sample completions from σ(s) ∝ p0(s | prompt) φ(s) with (twisted) SMC."""
     # Cheap checks first: nothing here loads a model.
     options = parse_options(task_option)
-    _check_numbers(particles, max_new_tokens, ess_threshold, top)
+    _check_numbers(particles, max_new_tokens, ess_threshold, top, seed)
     _check_sampler(proposal, twist, resampler)
     task_obj, prompt_value, potential_obj = _resolve_inputs(task, options, prompt, prompt_file, chat, potential)
     if task_obj is None and max_new_tokens is None:
@@ -360,7 +372,8 @@ def _resolve_inputs(
     if task is None:
         if options:
             raise TwistLMError("--task-option needs --task NAME")
-        return None, _read_prompt(prompt, prompt_file, chat), potential_from_spec(potential or "none")
+        spec = "none" if potential is None else potential  # an empty --potential is an error, not "none"
+        return None, _read_prompt(prompt, prompt_file, chat), potential_from_spec(spec)
     clashing = {"--prompt": prompt, "--prompt-file": prompt_file, "--potential": potential, "--chat": chat or None}
     given = [name for name, value in clashing.items() if value is not None]
     if given:

@@ -11,8 +11,6 @@ folder holds the twist (``twist.safetensors`` + ``twist_config.json``, loadable 
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +18,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from twistlm.cli.app import app, console, err_console
-from twistlm.cli.common import EMBEDDED_LABEL, TOY_MODEL, check_model, check_task_options, load_model, parse_options
+from twistlm.cli.common import (
+    EMBEDDED_LABEL,
+    TOY_MODEL,
+    TrainingProgress,
+    check_model,
+    check_task_options,
+    config_options,
+    load_model,
+    parse_options,
+)
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.losses import LOSSES, get_loss
 from twistlm.tasks.registry import get_task
@@ -30,24 +37,7 @@ from twistlm.twists import io as twist_io
 TWIST_KINDS_HELP = "linear | mlp | embedding | tabular (toy) | conditional | lora"
 
 
-class _ProgressCallback:
-    """A ``TrainerCallback``-style progress bar: steps, and the last logged loss, ESS / K and log Ẑ."""
-
-    def __init__(self, progress: Progress, max_steps: int):
-        self.progress = progress
-        self.bar = progress.add_task("training", total=max_steps, status="loss – · ESS/K – · log Ẑ –")
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.progress.update(self.bar, completed=state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.progress.update(self.bar, completed=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        status = f"loss {logs.get('loss', math.nan):.4g} · ESS/K {logs.get('ess', math.nan):.2f} · "
-        status += f"log Ẑ {logs.get('log_z', math.nan):.3f}"
-        self.progress.update(self.bar, status=status)
+PROGRESS_KEYS = (("loss", "loss"), ("ess", "ESS/K"), ("log_z", "log Ẑ"))
 
 
 FLAG_FIELDS = (
@@ -62,34 +52,14 @@ FLAG_FIELDS = (
     "logging_steps",
     "save_steps",
     "resume",
+    "overwrite",
 )
 """Config fields that have their own flag (``--train-option`` refuses them, so one setting has one spelling)."""
 
 
 def training_options(options: dict) -> dict:
     """``--train-option`` values checked against :class:`TwistTrainingConfig` and converted to the field's type."""
-    fields = {f.name: f for f in dataclasses.fields(TwistTrainingConfig)}
-    out = {}
-    for key, value in options.items():
-        if key in FLAG_FIELDS:
-            raise ConfigError(f"--train-option {key}: use its own flag (--{key.replace('_', '-')} or see --help)")
-        if key not in fields:
-            choices = ", ".join(sorted(k for k in fields if k not in FLAG_FIELDS))
-            raise ConfigError(f"unknown --train-option {key!r}; choose from: {choices}")
-        declared = fields[key].type  # a string, or the class once HfArgumentParser has resolved the annotations
-        kind = declared if isinstance(declared, str) else getattr(declared, "__name__", str(declared))
-        try:
-            if "bool" in kind:
-                out[key] = str(value).lower() in ("1", "true", "yes")
-            elif "float" in kind:
-                out[key] = float(value)
-            elif "int" in kind:
-                out[key] = None if str(value).lower() == "none" else int(value)
-            else:
-                out[key] = str(value)
-        except ValueError:
-            raise ConfigError(f"--train-option {key}={value!r}: expected {kind}") from None
-    return out
+    return config_options(TwistTrainingConfig, options, FLAG_FIELDS)
 
 
 @app.command("train-twist")
@@ -130,6 +100,9 @@ def train_twist(
     logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log every N updates.")] = 10,
     save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N updates (0: never).")] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run in a non-empty --out (default: refuse).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Train a twist ψ for a task (CTL, RL, SIXO or FUDGE) and save it with its config and training curves."""
@@ -158,6 +131,7 @@ def train_twist(
         logging_steps=logging_steps,
         save_steps=save_steps,
         resume=resume,
+        overwrite=overwrite,
     )
     if model != TOY_MODEL:
         check_model(model)
@@ -191,7 +165,7 @@ def train_twist(
     with Progress(
         *columns, console=err_console, transient=True, disable=quiet or not err_console.is_terminal
     ) as progress:
-        trainer = TwistTrainer(twist, target, config, callbacks=[_ProgressCallback(progress, steps)], run_info=run_info)
+        trainer = TwistTrainer(twist, target, config, callbacks=[TrainingProgress(progress, steps, PROGRESS_KEYS)], run_info=run_info)
         state = trainer.train()
     if not quiet:
         last = state.log_history[-1] if state.log_history else {}

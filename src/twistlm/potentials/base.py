@@ -78,9 +78,15 @@ class Potential(ABC):
             return torch.zeros(0, dtype=torch.float64)
         try:
             raw = self.log_phi(seqs)
-            values = torch.as_tensor(raw, dtype=torch.float64).reshape(-1)
         except TwistLMError:  # already a clear, user-facing error (PotentialError, ConfigError, DataError, ...)
             raise
+        except Exception as exc:  # the potential's own bug or failure: name it, keep the cause
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise PotentialError(
+                f"potential {self.name!r} raised {type(exc).__name__}" + (f": {detail}" if detail else "")
+            ) from exc
+        try:
+            values = torch.as_tensor(raw, dtype=torch.float64).reshape(-1)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise PotentialError(f"potential {self.name!r} returned something that is not numbers: {exc}") from exc
         if values.numel() != len(seqs):

@@ -152,10 +152,10 @@ class InfillingPotential(_LMPotential):
         cache_size: int = 16,
     ):
         super().__init__(lm, batch_size, cache_size)
-        self.observation = None if observation is None else self._observation_ids(observation)
+        self.observation = None if observation is None else self.observation_ids(observation)
         self.name = "infilling"
 
-    def _observation_ids(self, obs: object) -> tuple[int, ...]:
+    def observation_ids(self, obs: object) -> tuple[int, ...]:
         if isinstance(obs, str):
             tokenizer = getattr(self.lm, "tokenizer", None)
             if tokenizer is not None:
@@ -185,12 +185,25 @@ class InfillingPotential(_LMPotential):
         for obs in given:
             k = obs if isinstance(obs, str) else tuple(obs)
             if k not in cache:
-                cache[k] = self._observation_ids(obs)
+                cache[k] = self.observation_ids(obs)
             out.append(cache[k])
         return out
 
+    def check_context(self, seqs: Sequences, obs: Sequence[Sequence[int]]) -> None:
+        """Prompt + s + o must fit the model's context (tasks check this before sampling; this is the safety net)."""
+        limit = self.lm.max_length
+        if limit is None:
+            return
+        for p, s, o in zip(self.prompt_ids(seqs), seqs.token_ids, obs):
+            if len(p) + len(s) + len(o) > limit:
+                raise PotentialError(
+                    f"potential 'infilling': prompt of {len(p)} tokens + completion of {len(s)} + observation of "
+                    f"{len(o)} exceeds the model's context of {limit} tokens"
+                )
+
     def log_phi(self, seqs: Sequences) -> torch.Tensor:
         obs = self.observations(seqs)
+        self.check_context(seqs, obs)
         if seqs.lm_state is not None and seqs.state_rows is not None:
             # From a sampler: extend copies of the particles' own KV caches by the unfed token(s) and o.
             state = self.lm.fork(seqs.lm_state, seqs.state_rows)

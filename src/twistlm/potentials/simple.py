@@ -85,6 +85,8 @@ def register_potential(name: str, builder: Callable[[str | None], Potential]) ->
 
 def potential_from_spec(spec: str) -> Potential:
     """Build a potential from ``name`` or ``name:argument`` (see the module docstring)."""
+    if not spec.strip():
+        raise ConfigError(f"the potential is empty; give one of: {', '.join(sorted(POTENTIALS))} (none: φ ≡ 1)")
     name, _, arg = spec.partition(":")
     if name not in POTENTIALS:
         raise ConfigError(f"unknown potential {name!r}; choose from: {', '.join(sorted(POTENTIALS))}")

@@ -23,10 +23,15 @@ is the number after the last "answer is" on the first line of that text, else it
 (:func:`arithmetic_answer`). Then
 
 * ``form=exact`` (default): φ(s) = 1[answer = num_sol] (a hard constraint, bounded);
-* ``form=soft``: φ(s) = exp(−β · min(|answer − num_sol|, 10)), no answer counting as an error of 10 (bounded, never 0).
+* ``form=soft``: φ(s) = exp(−β · min(|answer − num_sol|, 10)), no answer counting as an error of 10 (bounded, never 0);
+* ``form=latent`` (the GFlowNet paper's reward, :func:`latent_target`): the completion is the rationale up to ".",
+  φ(z) = p0(" The answer is num_sol." | x, z), so σ is the posterior over rationales given the answer.
 
 With the tool, σ ∝ p_tool · φ where p_tool(s) = Π_{model tokens} p0(s_t | s_<t) (tool tokens have probability 1);
 Z, Ẑ and the bounds refer to that tool-augmented model.
+
+Answers (``twistlm solve``, :data:`ANSWERS`): a completion's answer is :func:`arithmetic_answer` as a string, the
+gold answer is num_sol (``extras["solution"]``).
 """
 
 from __future__ import annotations
@@ -40,12 +45,15 @@ from twistlm.data import load_arithmetic
 from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM
 from twistlm.potentials.base import Potential, Sequences
+from twistlm.potentials.likelihood import OBSERVATION_KEY, InfillingPotential
 from twistlm.target import Target
 from twistlm.tasks.calculator import apply_calculator, parse_final_answer
 from twistlm.tasks.common import Option, define_task, newline_token_ids, select_examples
+from twistlm.tasks.registry import Answers
 from twistlm.tools import CalculatorTool
 
 DEFAULT_MAX_NEW_TOKENS = 40
+LATENT_FORM = "latent"
 SOLUTION_KEY = "solution"
 """extras[SOLUTION_KEY]: the correct answer (num_sol) of each prompt."""
 SOFT_ERROR_CAP = 10
@@ -84,9 +92,18 @@ OPTIONS = {
     "shots": Option(
         3, "number of worked demonstrations before the question", int, minimum=0, maximum=len(DEMONSTRATIONS)
     ),
-    "form": Option("exact", "φ = 1[answer correct] or exp(−beta·min(|error|, 10))", str, choices=("exact", "soft")),
+    "form": Option(
+        "exact",
+        "φ = 1[answer correct], exp(−beta·min(|error|, 10)), or latent: φ = p0(answer sentence | rationale)",
+        str,
+        choices=("exact", "soft", "latent"),
+    ),
     "beta": Option(1.0, "scale β of the soft form", float, minimum=0.0),
     "tool": Option(True, "splice calculator values into the completions while sampling", bool),
+    "exclude": Option(
+        None, "comma-separated data files whose queries are dropped from data (held-out evaluation)", str,
+        optional=True,
+    ),
 }
 
 _VALUE_AFTER_EQUALS = re.compile(r"[ \t]*-?\d+(?:\.\d+)?")
@@ -167,14 +184,37 @@ def few_shot_prompt(query: str, shots: int) -> str:
     return "\n".join(lines + [query])
 
 
+def held_out(data: str, exclude: str | None) -> list:
+    """The problems of ``data`` whose query occurs in none of the ``exclude`` files (comma-separated)."""
+    examples = load_arithmetic(data)
+    if not exclude:
+        return examples
+    seen = {e.query for path in exclude.split(",") if path.strip() for e in load_arithmetic(path.strip())}
+    return [e for e in examples if e.query not in seen]
+
+
 def build(
-    lm: ParticleLM, T: int, B: int, *, data: str | None, index: int, shots: int, form: str, beta: float, tool: bool
+    lm: ParticleLM,
+    T: int,
+    B: int,
+    *,
+    data: str | None,
+    index: int,
+    shots: int,
+    form: str,
+    beta: float,
+    tool: bool,
+    exclude: str | None,
 ):
+    if exclude and data is None:
+        raise ConfigError("task 'arithmetic': exclude= needs a data file (data=PATH)")
     if data is not None:
-        examples = load_arithmetic(data, limit=index + B)
+        examples = held_out(data, exclude)
         problems = [Problem(e.query, e.solution) for e in select_examples("arithmetic", examples, index, B, data)]
     else:
         problems = select_examples("arithmetic", BUILTIN_PROBLEMS, index, B, "the built-in problem list")
+    if form == LATENT_FORM:
+        return latent_target(lm, problems, shots=shots, tool=tool, max_new_tokens=T)
     return Target(
         lm,
         prompts=[few_shot_prompt(p.query, shots) for p in problems],
@@ -182,6 +222,39 @@ def build(
         max_new_tokens=T,
         stop_token_ids=newline_token_ids(lm),
         extras={SOLUTION_KEY: [p.solution for p in problems]},
+        tool=CalculatorTool() if tool else None,
+    )
+
+
+def answer_sentence(solution: int) -> str:
+    """The observation y of the latent form: the text after the rationale's final "."."""
+    return f" The answer is {int(solution)}."
+
+
+def stop_token_id(lm: ParticleLM) -> int:
+    """The token "." that ends a rationale in the latent form."""
+    ids = lm.tokenize(".")
+    if len(ids) != 1:
+        raise ConfigError(f"model {lm.name!r} has no single '.' token (the latent form needs one)")
+    return ids[0]
+
+
+def latent_target(lm: ParticleLM, problems, *, shots: int, tool: bool, max_new_tokens: int) -> Target:
+    """σ(z) ∝ p0(z "." | x) · p0(" The answer is y." | x, z ".") over rationales z (the GFlowNet paper's reward).
+
+    The completion z is the calculator-style steps up to and including the stop token "."; the answer sentence is
+    the observation of an :class:`~twistlm.potentials.InfillingPotential`, one per problem."""
+    return Target(
+        lm,
+        prompts=[few_shot_prompt(p.query, shots) for p in problems],
+        potential=InfillingPotential(lm),
+        max_new_tokens=max_new_tokens,
+        stop_at_eos=False,
+        stop_token_ids=(stop_token_id(lm),),
+        extras={
+            SOLUTION_KEY: [p.solution for p in problems],
+            OBSERVATION_KEY: [answer_sentence(p.solution) for p in problems],
+        },
         tool=CalculatorTool() if tool else None,
     )
 
@@ -197,6 +270,23 @@ def success(target: Target, texts: list[str], prompt_index: list[int]) -> list[b
     return [is_correct(t, solutions[b]) for t, b in zip(texts, prompt_index)]
 
 
+def read_answers(target: Target, texts: list[str], prompt_index: list[int]) -> list[str | None]:
+    """Each completion's calculator-read answer (:func:`arithmetic_answer`) as a string; None without one."""
+    return [None if (a := arithmetic_answer(t)) is None else str(a) for t in texts]
+
+
+def gold_answers(target: Target) -> list[str]:
+    """num_sol of each prompt, as a string."""
+    return [str(int(y)) for y in target.extras[SOLUTION_KEY]]
+
+
+def problem_count(*, data: str | None, exclude: str | None = None, **_: object) -> int:
+    """Problems in the data file, less the excluded queries (or the built-in list without one)."""
+    return len(BUILTIN_PROBLEMS) if data is None else len(held_out(data, exclude))
+
+
+ANSWERS = Answers(read=read_answers, gold=gold_answers, count=problem_count)
+
 TASK = define_task(
     "arithmetic",
     "1-digit +/- problems (GFlowNet paper), few-shot; answers read through a calculator; φ = 1 if correct.",
@@ -204,4 +294,5 @@ TASK = define_task(
     build,
     DEFAULT_MAX_NEW_TOKENS,
     success,
+    answer=ANSWERS,
 )

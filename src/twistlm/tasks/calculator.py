@@ -172,7 +172,8 @@ def apply_calculator(text: str) -> tuple[str, bool]:
     """Splice the value of a trailing ``"<expression> ="`` into the text.
 
     If ``text`` ends with ``=`` (possibly followed by whitespace) and the maximal run of ``EXPRESSION_CHARACTERS``
-    just before that ``=`` is a non-empty expression that :func:`safe_eval` accepts, returns
+    just before that ``=`` is a non-empty expression that :func:`safe_eval` accepts (and is not the tail of a longer
+    token such as ``1e18`` or ``x2``: a run that starts right after a letter, digit or ``_`` is refused), returns
     ``(text up to and including "=" + " " + format_number(value), True)``; whitespace after the ``=`` is replaced by
     that single space. Otherwise returns ``(text, False)`` unchanged: the model's output stands as written and the task
     scores it later. Runs in O(len(text)).
@@ -184,6 +185,8 @@ def apply_calculator(text: str) -> tuple[str, bool]:
     start = equals_index
     while start > 0 and stripped[start - 1] in EXPRESSION_CHARACTERS:
         start -= 1
+    if start > 0 and not stripped[start].isspace() and (stripped[start - 1].isalnum() or stripped[start - 1] == "_"):
+        return text, False  # the run is the tail of a longer token ("1e18 * 10", "x2 + 3"): not an expression
     expression = stripped[start:equals_index].strip()
     if not expression or len(expression) > MAX_EXPRESSION_LENGTH:
         return text, False

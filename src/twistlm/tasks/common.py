@@ -29,7 +29,7 @@ from typing import Any
 from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM
 from twistlm.target import Target
-from twistlm.tasks.registry import Task, register_task
+from twistlm.tasks.registry import Answers, Task, register_task
 
 MAX_NUM_PROMPTS = 4096
 """Upper bound on ``num_prompts`` (B groups of K particles side by side)."""
@@ -135,11 +135,14 @@ def define_task(
     builder: Builder,
     default_max_new_tokens: int | str,
     success: Callable[[Target, list[str], list[int]], list[bool]] | None = None,
+    answer: Answers | None = None,
 ) -> Task:
     """Register a task whose ``build`` checks ``options`` and calls ``builder(lm, T, B, **values)``.
 
     default_max_new_tokens: the default horizon, applied when ``max_new_tokens`` is None; or a text describing a
     default that depends on the options, in which case the builder receives T = None and applies it itself.
+    answer: the task's :class:`~twistlm.tasks.registry.Answers`; its ``count`` is called with the checked options
+        (defaults filled in), like the builder.
     """
 
     def build(lm: ParticleLM, max_new_tokens: int | None = None, num_prompts: int = 1, **given: Any) -> Target:
@@ -161,7 +164,14 @@ def define_task(
     )
     help_texts = {k: o.describe() for k, o in options.items()}
     description = f"{description} Default horizon T: {default_max_new_tokens}."
-    task = Task(name=name, description=description, build=build, success=success, options=help_texts)
+    if answer is not None:
+        count_checked = answer.count
+
+        def count(**given: Any) -> int:
+            return count_checked(**check_options(name, options, given))
+
+        answer = Answers(read=answer.read, gold=answer.gold, count=count)
+    task = Task(name=name, description=description, build=build, success=success, options=help_texts, answer=answer)
     task.default_max_new_tokens = default_max_new_tokens  # type: ignore[attr-defined]
     return register_task(task)
 

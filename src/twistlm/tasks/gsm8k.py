@@ -14,17 +14,31 @@ chain of thought; the recipe allows 200+, which is slow on CPU).
 
 Goal (:func:`success`): the answer between the last ``<answer>`` tags equals the gold number (after removing commas,
 ``$`` and a trailing ``.``), i.e. the corrected correctness reward fires.
+
+Answers (``twistlm solve``, :data:`ANSWERS`, :func:`gsm8k_answer`): with an ``<answer>`` tag, the text after the last
+one (the recipe's ``extract_xml_answer``) as a number, else its last number, else unparsed; without the tag, the last
+number of the completion (more lenient than :func:`success`, which needs the tags). Numbers are compared in canonical
+form (:func:`canonical_number`: commas, ``$`` and a trailing ``.`` removed, ``72.0`` → ``72``), golds likewise.
 """
 
 from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
 
 from twistlm.data import load_gsm8k, load_gsm8k_hf
 from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM
 from twistlm.potentials import gsm8k_potential
-from twistlm.potentials.gsm8k_rewards import SYSTEM_PROMPT, corrected_correctness_reward_func
+from twistlm.potentials.gsm8k_rewards import (
+    SYSTEM_PROMPT,
+    corrected_correctness_reward_func,
+    extract_xml_answer,
+    gold_text,
+)
 from twistlm.target import Target
 from twistlm.tasks.common import Option, define_task, select_examples
+from twistlm.tasks.registry import Answers
 
 DEFAULT_MAX_NEW_TOKENS = 128
 ANSWER_KEY = "answer"
@@ -85,6 +99,59 @@ def success(target: Target, texts: list[str], prompt_index: list[int]) -> list[b
     return [r > 0 for r in rewards]
 
 
+ANSWER_TAG = "<answer>"
+_PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+_NUMBER_IN_TEXT = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+"""A number inside text: optional minus and ``$``, digits with proper thousands commas or none, optional decimals."""
+
+
+def canonical_number(text: str) -> str | None:
+    """``text`` as a canonical number string (commas, ``$``, spaces and a trailing ``.`` removed; ``"1,000.0"`` →
+    ``"1000"``, ``"-0"`` → ``"0"``), or None if it is not a plain number."""
+    cleaned = text.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    if not _PLAIN_NUMBER.fullmatch(cleaned):
+        return None
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    return "0" if value == 0 else format(value.normalize(), "f")
+
+
+def _last_number(text: str) -> str | None:
+    found = _NUMBER_IN_TEXT.findall(text)
+    return canonical_number(found[-1]) if found else None
+
+
+def gsm8k_answer(completion: str) -> str | None:
+    """The answer of a completion (module docstring): the ``<answer>`` field as a number, else its last number; the
+    completion's last number without the tag; None if there is none."""
+    if ANSWER_TAG in completion:
+        field = extract_xml_answer(completion)
+        return canonical_number(field) or _last_number(field)
+    return _last_number(completion)
+
+
+def read_answers(target: Target, texts: list[str], prompt_index: list[int]) -> list[str | None]:
+    """:func:`gsm8k_answer` of each completion."""
+    return [gsm8k_answer(t) for t in texts]
+
+
+def gold_answers(target: Target) -> list[str]:
+    """The gold number of each problem, canonical (as written when it is not a plain number)."""
+    golds = [gold_text(g) for g in target.extras[ANSWER_KEY]]
+    return [canonical_number(g) or g for g in golds]
+
+
+def problem_count(*, data: str | None, split: str, **_: object) -> int:
+    """Problems in the data (the JSONL file, the hub split, or the built-in list)."""
+    if data is None:
+        return len(BUILTIN_PROBLEMS)
+    return len(load_gsm8k_hf(split=split) if data == HUB_DATA else load_gsm8k(data))
+
+
+ANSWERS = Answers(read=read_answers, gold=gold_answers, count=problem_count)
+
 TASK = define_task(
     "gsm8k",
     "GSM8K word problems, chat prompt with the GRPO recipe's system prompt; φ = exp(β·(Σ recipe rewards − 4)).",
@@ -92,4 +159,5 @@ TASK = define_task(
     build,
     DEFAULT_MAX_NEW_TOKENS,
     success,
+    answer=ANSWERS,
 )

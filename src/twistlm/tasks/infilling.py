@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from twistlm.bdmc import ExactSpanPotential, bdmc_pairs
 from twistlm.data import load_storycloze
-from twistlm.errors import ConfigError
+from twistlm.errors import ConfigError, PromptTooLongError
 from twistlm.lm import ParticleLM
 from twistlm.potentials import InfillingPotential
 from twistlm.potentials.likelihood import OBSERVATION_KEY
@@ -67,6 +67,19 @@ def exact_samples(target: Target) -> list[list[int]] | None:
     return None if samples is None else [list(s) for s in samples]
 
 
+def _check_context(lm: ParticleLM, prompt_ids: list[list[int]], T: int, ending_lengths: list[int]) -> None:
+    """Prompt + span T + ending o must fit the model's context (before any sampling: o can be long)."""
+    limit = lm.max_length
+    if limit is None:
+        return
+    for ids, c in zip(prompt_ids, ending_lengths):
+        if len(ids) + T + c > limit:
+            raise PromptTooLongError(
+                f"task 'infilling': prompt of {len(ids)} tokens + span T = {T} + ending of {c} tokens = "
+                f"{len(ids) + T + c} exceeds the model's context of {limit} tokens"
+            )
+
+
 def _stories(data: str, index: int, B: int):
     return select_examples("infilling", load_storycloze(data, limit=index + B), index, B, data)
 
@@ -91,14 +104,18 @@ def build(
             raise ConfigError("task 'infilling': prompt= is for mode=bdmc; in mode=stories the story is the prompt")
         stories = _stories(data, index, B)
         stops = sentence_end_token_ids(lm)
-        return Target(
+        potential = InfillingPotential(lm)
+        target = Target(
             lm,
             prompts=[" ".join(s.beginning) for s in stories],
-            potential=InfillingPotential(lm),
+            potential=potential,
             max_new_tokens=T or DEFAULT_STORY_TOKENS,
             stop_token_ids=stops,
             extras={OBSERVATION_KEY: [" " + s.ending for s in stories], MIDDLE_KEY: [s.middle for s in stories]},
         )
+        endings = [len(potential.observation_ids(o)) for o in target.extras[OBSERVATION_KEY]]
+        _check_context(lm, target.prompt_ids, target.max_new_tokens, endings)
+        return target
 
     T = T or DEFAULT_SPAN_TOKENS
     if data is not None:
@@ -110,6 +127,7 @@ def build(
             raise ConfigError("task 'infilling': index needs a data file (data=PATH)")
         prompts = [prompt or DEFAULT_PROMPT] * B
     base = Target(lm, prompts=prompts, potential=InfillingPotential(lm), max_new_tokens=T)
+    _check_context(lm, base.prompt_ids, T, [ending_tokens] * B)
     pairs = []
     for b in range(B):
         # Few draws per batch: early EOS is rare over T + c tokens of story text, and every draw costs T + c steps.

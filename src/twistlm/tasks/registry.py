@@ -2,7 +2,8 @@
 
 A task turns a user's goal ("toxic continuations", "1-star reviews", "infill the middle sentence") into a
 :class:`~twistlm.target.Target` in one call. Tasks register themselves with :func:`register_task`; the CLI's
-``--task NAME`` and ``twistlm tasks`` read :data:`TASKS`.
+``--task NAME`` and ``twistlm tasks`` read :data:`TASKS`. Tasks with a final answer to grade (arithmetic, gsm8k,
+subjectivity) also carry :class:`Answers`, which ``twistlm solve`` (:func:`twistlm.solve.solve`) needs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,27 @@ from twistlm.lm import ParticleLM
 from twistlm.target import Target
 
 
+AnswerReader = Callable[[Target, list[str], list[int]], list[str | None]]
+"""``read(target, texts, prompt_index)``: the answer each completion gives (None: none could be read)."""
+
+
+@dataclass(frozen=True)
+class Answers:
+    """How a task's completions are graded by their final answer (``twistlm solve``).
+
+    read: ``read(target, texts, prompt_index) -> list[str | None]``, the answer of each completion of prompt
+        ``prompt_index[i]``, normalised so that equal answers are equal strings (majority votes count strings);
+        None when no answer can be read.
+    gold: ``gold(target) -> list[str]``, the correct answer of each prompt of a built target (same normalisation).
+    count: ``count(**options) -> int``, how many problems the task's data holds for these options (``index`` not
+        subtracted), so that a caller can take "all of them" without loading a model.
+    """
+
+    read: AnswerReader
+    gold: Callable[[Target], list[str]]
+    count: Callable[..., int]
+
+
 @dataclass
 class Task:
     """One registered task.
@@ -26,6 +48,8 @@ class Task:
     success: ``success(target, texts, prompt_index) -> list[bool]``, whether each completion meets the goal (for the
         "fraction meeting the goal" figures); None if the task has no binary goal.
     options: documented option names → one-line help, for ``twistlm tasks``.
+    answer: :class:`Answers` (read a completion's answer, the gold answers, the number of problems); None if the
+        task has no final answer to grade.
     """
 
     name: str
@@ -33,9 +57,16 @@ class Task:
     build: Callable[..., Target]
     success: Callable[[Target, list[str], list[int]], list[bool]] | None = None
     options: dict[str, str] = field(default_factory=dict)
+    answer: Answers | None = None
 
 
 TASKS: dict[str, Task] = {}
+
+
+def answer_tasks() -> list[str]:
+    """Names of the registered tasks that have :class:`Answers` (sorted)."""
+    _load_builtin_tasks()
+    return sorted(name for name, task in TASKS.items() if task.answer is not None)
 
 
 def register_task(task: Task) -> Task:

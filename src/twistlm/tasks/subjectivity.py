@@ -18,6 +18,10 @@ file, built-in example sentences (hand-written). Extras: ``observation`` (y text
 
 Goal (:func:`success`): the rationale makes the model judge correctly, p0(y_true | x, z) > p0(y_other | x, z) where
 y_other is the observation with the other label — the classification accuracy of "reason, then judge".
+
+Answers (``twistlm solve``, :data:`ANSWERS`): the completion is a rationale, not a label, so its answer is the label
+the model judges after it, argmax_l p0(y_l | x, z) (``"objective"`` or ``"subjective"``; the lower label on a tie;
+never unparsed); the gold answer is the example's label name.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from twistlm.potentials import InfillingPotential
 from twistlm.potentials.likelihood import OBSERVATION_KEY, ContinuationScorer
 from twistlm.target import Target
 from twistlm.tasks.common import Option, define_task, select_examples, sentence_end_token_ids, text_ids
+from twistlm.tasks.registry import Answers
 
 DEFAULT_MAX_NEW_TOKENS = 24
 LABEL_KEY = "label"
@@ -102,6 +107,26 @@ def success(target: Target, texts: list[str], prompt_index: list[int]) -> list[b
     return [bool(ll[i, labels[b]] > ll[i, 1 - labels[b]]) for i, b in enumerate(prompt_index)]
 
 
+def read_answers(target: Target, texts: list[str], prompt_index: list[int]) -> list[str | None]:
+    """The label the model judges after each rationale: the name of argmax_l p0(y_l | x, z)."""
+    if not texts:
+        return []
+    ll = label_log_likelihoods(target, texts, prompt_index)
+    return [SUBJ_LABEL_NAMES[int(i)] for i in ll.argmax(dim=1)]
+
+
+def gold_answers(target: Target) -> list[str]:
+    """The label name of each example."""
+    return [SUBJ_LABEL_NAMES[label] for label in target.extras[LABEL_KEY]]
+
+
+def problem_count(*, data: str | None, **_: object) -> int:
+    """Examples in the data file (or the built-in list without one)."""
+    return len(BUILTIN_EXAMPLES) if data is None else len(load_subj(data))
+
+
+ANSWERS = Answers(read=read_answers, gold=gold_answers, count=problem_count)
+
 TASK = define_task(
     "subjectivity",
     "Latent rationale z between a SUBJ review and its label y: φ(z) = p0(y | x, z).",
@@ -109,4 +134,5 @@ TASK = define_task(
     build,
     DEFAULT_MAX_NEW_TOKENS,
     success,
+    answer=ANSWERS,
 )

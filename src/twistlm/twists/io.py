@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from twistlm.errors import ConfigError
+from twistlm.files import apply_umask
 from twistlm.lm import ParticleLM
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +53,7 @@ def save_weights(directory: str | os.PathLike, tensors: dict[str, torch.Tensor],
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (WEIGHTS_NAME + f".tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    apply_umask(tmp)  # safetensors creates 0600 files
     os.replace(tmp, directory / WEIGHTS_NAME)
     write_json_atomic(directory / CONFIG_NAME, config)
 
@@ -77,7 +79,11 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise ConfigError(f"no twist weights in {directory} (missing {WEIGHTS_NAME})")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own SafetensorError (header, size) or an OSError
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path} is corrupted or truncated ({detail}): retrain the twist or restore the file") from exc
 
 
 def check_compatible(cfg: dict, lm: ParticleLM | None, directory: str | os.PathLike, check_name: bool = False) -> None:

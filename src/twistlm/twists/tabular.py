@@ -36,6 +36,17 @@ MAX_TABLE_ENTRIES = 5_000_000
 """Refuse tables with more (prefix, token) entries than this: tabular twists are for toy problems."""
 
 
+def _table_entries(live: int, horizon: int, per_row: int) -> int:
+    """Entries of a table over prefixes of length 0..horizon−1 (counting stops once past the limit: T may be huge)."""
+    rows, level = 0, 1
+    for _ in range(horizon):
+        rows += level
+        level *= live
+        if rows * per_row > MAX_TABLE_ENTRIES or level == 0:
+            break
+    return rows * per_row
+
+
 class TabularTwist(Twist):
     """A table of log ψ values indexed by (prompt, prefix, next token)."""
 
@@ -59,11 +70,10 @@ class TabularTwist(Twist):
         self.output = check_output(output)
         self.base_model = base_model
         live = [v for v in range(self.vocab_size) if v not in set(self.stop_ids)]
-        rows = sum(len(live) ** length for length in range(self.max_new_tokens))
-        if rows * self.vocab_size * self.num_prompts > MAX_TABLE_ENTRIES:
+        if _table_entries(len(live), self.max_new_tokens, self.vocab_size * self.num_prompts) > MAX_TABLE_ENTRIES:
             raise ConfigError(
-                f"a tabular twist for vocabulary {vocab_size} and T = {max_new_tokens} needs "
-                f"{rows * self.vocab_size * self.num_prompts} entries; use a head over hidden states (mlp, linear)"
+                f"a tabular twist for vocabulary {vocab_size} and T = {max_new_tokens} needs more than "
+                f"{MAX_TABLE_ENTRIES:,} entries; use a head over hidden states (mlp, linear)"
             )
         prefixes = [p for n in range(self.max_new_tokens) for p in itertools.product(live, repeat=n)]
         self.index = {p: i for i, p in enumerate(prefixes)}

@@ -1,0 +1,128 @@
+"""From a task to a GFlowNet problem: the target over every training prompt, the action space, labelled
+trajectories and the task's recipe defaults (registry ``PROBLEMS``; any other task gets :func:`generic_problem`).
+
+* ``arithmetic`` — the GFlowNet paper's flagship. Training prompts: the labelled file ``data`` (its first
+  ``labelled`` problems, with their rationales as given trajectories) followed by the answer-only ``homework`` file
+  (default: ``homework.json`` beside ``data``). Target: the task's latent form (``form=latent``): rationales z up to
+  ".", reward p0(x z "." " The answer is y."), the calculator on. Actions: tokens made only of digits, spaces and
+  ``+ - = ,`` plus the stop "." (the reference's vocabulary restriction), 6 to 28 actions.
+* any other task — its own target (``prompts`` = how many of its prompts, from ``index``), the full vocabulary, its
+  stop tokens, 1 to T actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twistlm.errors import ConfigError
+from twistlm.gfn.sampling import ActionSpace
+from twistlm.gfn.trainer import GFNProblem, GivenTrajectory
+from twistlm.lm import ParticleLM
+from twistlm.tasks.registry import get_task
+
+ARITHMETIC_CHARACTERS = frozenset("0123456789+-=, ")
+"""Characters of the arithmetic policy's action tokens (besides the stop token)."""
+ARITHMETIC_MIN_LEN, ARITHMETIC_MAX_LEN = 6, 28
+"""One step ("5 + 9 =") takes 6 actions; four operands with negative intermediates about 24."""
+ARITHMETIC_TOKENS = 64
+"""Horizon T of the latent arithmetic target (actions plus calculator tokens)."""
+ARITHMETIC_REWARD_TEMPERATURE = (1.1, 0.5, 100)
+"""Reward temperature ramp: log R / T_R, T_R from 1.1 to 0.5 (the reference recipe, REFERENCES (B)), over 100 steps
+instead of its 150 (our runs are 120 updates, not 2000)."""
+DEFAULT_LABELLED = 10
+DEFAULT_GENERIC_PROMPTS = 1
+
+ProblemBuilder = Callable[..., GFNProblem]
+PROBLEMS: dict[str, ProblemBuilder] = {}
+
+
+def register_problem(name: str):
+    def deco(fn: ProblemBuilder) -> ProblemBuilder:
+        PROBLEMS[name] = fn
+        return fn
+
+    return deco
+
+
+def rationale_trajectory(lm: ParticleLM, rationale: str, tool: Any, stop_token: int) -> GivenTrajectory:
+    """A calculator-style rationale ("6 - 0 =, 6 - 4 =") as the trajectory the policy would take: the text before
+    each "=" (and the "=") as actions, the calculator's value after it forced, then the stop token."""
+    tokens: list[int] = []
+    forced: list[bool] = []
+    pieces = [p for p in rationale.strip().split("=")][:-1]
+    for k, piece in enumerate(pieces):
+        text = (" " + piece.strip() if k == 0 else piece.rstrip()) + " ="
+        acts = lm.tokenize(text)
+        tokens += acts
+        forced += [False] * len(acts)
+        out = tool(lm.decode(tokens)) if tool is not None else None
+        if out:
+            value = lm.tokenize(out)
+            tokens += value
+            forced += [True] * len(value)
+    return GivenTrajectory(tokens, forced, stop_token)
+
+
+def _allowed(lm: ParticleLM, keep: Callable[[str], bool]) -> torch.Tensor:
+    mask = torch.zeros(lm.vocab_size, dtype=torch.bool)
+    for v in range(lm.vocab_size):
+        text = lm.decode([v])
+        mask[v] = bool(text) and keep(text)
+    return mask
+
+
+@register_problem("arithmetic")
+def arithmetic_problem(lm: ParticleLM, *, data: str | None = None, homework: str | None = None,
+                       labelled: int = DEFAULT_LABELLED, shots: int = 3, tool: bool = True, **unknown) -> GFNProblem:
+    from twistlm.data import load_arithmetic
+    from twistlm.tasks.arithmetic import Problem, latent_target, stop_token_id
+
+    if unknown:
+        raise ConfigError(f"train-gfn --task arithmetic has no option {sorted(unknown)[0]!r}; "
+                          "options: data, homework, labelled, shots, tool")
+    if data is None:
+        raise ConfigError("train-gfn --task arithmetic needs -o data=FILE (e.g. ../shared/data/arithmetic/train_50.json)")
+    if homework is None:
+        beside = Path(data).with_name("homework.json")
+        homework = str(beside) if beside.is_file() else None
+    examples = load_arithmetic(data)
+    with_rationale = [e for e in examples if e.rationale]
+    if labelled > len(with_rationale):
+        raise ConfigError(f"labelled={labelled}, but {data} has only {len(with_rationale)} problems with rationales")
+    chosen = with_rationale[:labelled]
+    extra = load_arithmetic(homework) if homework else []
+    if not chosen and not extra:
+        raise ConfigError(f"{data} gives no training problems")
+    problems = [Problem(e.query, e.solution) for e in chosen + extra]
+    target = latent_target(lm, problems, shots=shots, tool=tool, max_new_tokens=ARITHMETIC_TOKENS)
+    stop = stop_token_id(lm)
+    allowed = _allowed(lm, lambda t: set(t) <= ARITHMETIC_CHARACTERS)
+    given = {i: rationale_trajectory(lm, e.rationale, target.tool, stop) for i, e in enumerate(chosen)}
+    for g in given.values():
+        allowed[[t for t, f in zip(g.tokens, g.forced) if not f]] = True
+    space = ActionSpace(allowed, (stop,), ARITHMETIC_MIN_LEN, ARITHMETIC_MAX_LEN, stop_after_tool=tool)
+    info = {"task_options": {"form": "latent", "shots": shots, "tool": tool}, "max_new_tokens": ARITHMETIC_TOKENS,
+            "train_problems": len(problems),
+            "labelled": len(chosen), "homework": homework}
+    return GFNProblem(target, space, given, ARITHMETIC_REWARD_TEMPERATURE, info)
+
+
+def generic_problem(task_name: str, lm: ParticleLM, *, prompts: int = DEFAULT_GENERIC_PROMPTS,
+                    **options: Any) -> GFNProblem:
+    """Any registered task: ``prompts`` of its prompts as the training set, full vocabulary, its stop tokens."""
+    target = get_task(task_name).build(lm, num_prompts=prompts, **options)
+    allowed = torch.ones(lm.vocab_size, dtype=torch.bool)
+    space = ActionSpace(allowed, tuple(target.stop_ids), 1, target.max_new_tokens)
+    return GFNProblem(target, space, {}, (1.0, 1.0, 1), {"task_options": options})
+
+
+def build_problem(task_name: str, lm: ParticleLM, **options: Any) -> GFNProblem:
+    """The GFN problem of a task (module docstring)."""
+    get_task(task_name)  # unknown task → one-line error
+    if task_name in PROBLEMS:
+        return PROBLEMS[task_name](lm, **options)
+    return generic_problem(task_name, lm, **options)

@@ -1,0 +1,173 @@
+"""Rewards log R(s_i ⊤) at every state of a batch of trajectories, from the frozen base p0 (MATH.md, "Amortized
+inference").
+
+Every reward is built from a twistlm :class:`~twistlm.target.Target` — the same target SMC and ``evaluate`` use — so
+the GFlowNet's goal q_θ(z ⊤) ∝ R(z ⊤) is that target's σ (restricted to the policy's allowed vocabulary). With
+``cum_m = Σ log p0(z_k | x, z_<k)`` over the *actions* among z_1:m (tool-forced tokens have probability 1 under the
+tool-augmented p0, as in :mod:`twistlm.tools`):
+
+* :class:`LikelihoodReward` (latent variables: infilling, arithmetic answers, labels; potential φ = p0(y | x, z ⊤)):
+  log R(z_1:m ⊤) = cum_m + log p0(⊤ y | x, z_1:m) — the stop token then the observation y, scored for every m in
+  one packed forward (:func:`~twistlm.gfn.scoring.suffix_at_states`);
+* :class:`TemperedReward` (φ = p0^{1/τ−1}): log R = (cum_m + log p0(⊤ | x, z_1:m)) / τ, ⊤ the set of stop tokens;
+* :class:`PotentialReward` (any other potential): log R = cum_m + log p0(⊤ | x, z_1:m) + log φ(z_1:m). Only potentials
+  that declare ``prefix_defined = True`` (meaningful on every prefix, e.g. a classifier) give rewards at every state;
+  otherwise only the final state is scored and only trajectory balance can use the reward.
+
+Rewards are floored at :data:`LOG_REWARD_FLOOR` so that φ = 0 (log R = −∞) gives a finite, very small reward.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from twistlm.errors import ConfigError
+from twistlm.gfn.scoring import gather_logprobs, prefix_pass, stop_logprobs, suffix_at_states
+from twistlm.gfn.trajectories import Trajectories
+from twistlm.lm import ParticleLM
+from twistlm.potentials.likelihood import InfillingPotential, TemperedPotential
+from twistlm.target import Target
+
+LOG_REWARD_FLOOR = -100.0
+"""log R is clamped to at least this value (φ = 0 becomes e^−100, as the reference's −99 penalty)."""
+
+
+def action_cumsum(lm: ParticleLM, ppass, trajs: Trajectories, states: Sequence[Sequence[int]]) -> torch.Tensor:
+    """cum_m of the module docstring at every state, (n, S) float64."""
+    rows, cols, toks = [], [], []
+    for i, (seq, fl) in enumerate(zip(trajs.tokens, trajs.forced)):
+        for k, (tok, f) in enumerate(zip(seq, fl)):
+            if not f:
+                rows.append(i)
+                cols.append(k)
+                toks.append(tok)
+    per_token = torch.zeros(len(trajs), max((len(t) for t in trajs.tokens), default=0) + 1, dtype=torch.float64)
+    if rows:
+        lp = gather_logprobs(lm, ppass, torch.tensor(rows), torch.tensor(cols), torch.tensor(toks)).double()
+        per_token[torch.tensor(rows), torch.tensor(cols) + 1] = lp
+    cum = per_token.cumsum(dim=1)
+    S = max(len(s) for s in states)
+    out = torch.zeros(len(trajs), S, dtype=torch.float64)
+    for i, st in enumerate(states):
+        out[i, : len(st)] = cum[i, torch.tensor(st)]
+    return out
+
+
+def _flat_states(states: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = torch.tensor([i for i, st in enumerate(states) for _ in st])
+    cols = torch.tensor([m for st in states for m in st])
+    slot = torch.tensor([a for st in states for a in range(len(st))])
+    return rows, cols, slot
+
+
+class PrefixReward(ABC):
+    """log R at every state; ``prefix_defined``: whether non-final states get real rewards (SubTB needs them)."""
+
+    name = "reward"
+    prefix_defined = True
+
+    def __init__(self, target: Target, stop_ids: Sequence[int]):
+        self.target = target
+        self.stop_ids = tuple(stop_ids)
+
+    @torch.no_grad()
+    def __call__(self, lm: ParticleLM, trajs: Trajectories, states: Sequence[Sequence[int]],
+                 terminable: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, S) float64 log R(s_i ⊤) under the base model ``lm`` (the caller disables the policy's adapter).
+
+        ``terminable`` (n, S): only these states are scored (the others, where ⊤ is no action, get the floor)."""
+        prompts = self.target.prompt_ids
+        ppass = prefix_pass(lm, prompts, trajs.prompt_index, trajs.tokens)
+        full = action_cumsum(lm, ppass, trajs, states)
+        if terminable is None:
+            terminable = torch.ones(full.shape, dtype=torch.bool)
+            for i, st in enumerate(states):
+                terminable[i, len(st):] = False
+        chosen = [[a for a in range(len(st)) if terminable[i, a]] for i, st in enumerate(states)]
+        sub_states = [[st[a] for a in c] for st, c in zip(states, chosen)]
+        cum = torch.zeros(full.shape[0], max(len(c) for c in chosen), dtype=torch.float64)
+        for i, c in enumerate(chosen):
+            cum[i, : len(c)] = full[i, c]
+        part = self.compute(lm, ppass, trajs, sub_states, cum)
+        out = torch.full(full.shape, LOG_REWARD_FLOOR, dtype=torch.float64)
+        for i, c in enumerate(chosen):
+            out[i, c] = part[i, : len(c)]
+        return out.clamp(min=LOG_REWARD_FLOOR)
+
+    def stop_term(self, lm, ppass, states) -> torch.Tensor:
+        rows, cols, slot = _flat_states(states)
+        out = torch.zeros(len(states), max(len(s) for s in states), dtype=torch.float64)
+        out[rows, slot] = stop_logprobs(lm, ppass, rows, cols, self.stop_ids).double()
+        return out
+
+    @abstractmethod
+    def compute(self, lm, ppass, trajs, states, cum) -> torch.Tensor: ...
+
+
+class LikelihoodReward(PrefixReward):
+    name = "likelihood"
+
+    def __init__(self, target: Target, stop_ids: Sequence[int]):
+        super().__init__(target, stop_ids)
+        potential = target.potential
+        kept = [s for s in stop_ids if not (target.stop_at_eos and s == target.lm.eos_token_id)]
+        if len(stop_ids) != 1:
+            raise ConfigError(
+                f"a likelihood reward needs exactly one stop token (the text before the observation), got {len(stop_ids)}"
+            )
+        self.feed_stop = list(kept)  # an EOS stop is not part of the text: the observation follows z directly
+        seqs = target.sequences([[] for _ in target.prompt_ids], list(range(target.num_prompts)))
+        self.observations = [list(o) for o in potential.observations(seqs)]
+
+    def compute(self, lm, ppass, trajs, states, cum):
+        suffixes = [self.feed_stop + self.observations[b] for b in trajs.prompt_index]
+        return cum + suffix_at_states(lm, ppass, states, suffixes)
+
+
+class TemperedReward(PrefixReward):
+    name = "tempered"
+
+    def __init__(self, target: Target, stop_ids: Sequence[int]):
+        super().__init__(target, stop_ids)
+        self.tau = float(target.potential.tau)
+
+    def compute(self, lm, ppass, trajs, states, cum):
+        return (cum + self.stop_term(lm, ppass, states)) / self.tau
+
+
+class PotentialReward(PrefixReward):
+    name = "potential"
+
+    def __init__(self, target: Target, stop_ids: Sequence[int]):
+        super().__init__(target, stop_ids)
+        self.prefix_defined = bool(getattr(target.potential, "prefix_defined", False))
+
+    def compute(self, lm, ppass, trajs, states, cum):
+        out = cum + self.stop_term(lm, ppass, states)
+        phi = torch.full_like(out, float("-inf"))
+        rows, lengths, slots, seqs = [], [], [], []
+        for i, st in enumerate(states):
+            chosen = range(len(st)) if self.prefix_defined else [len(st) - 1]
+            for a in chosen:
+                rows.append(i)
+                slots.append(a)
+                seqs.append(trajs.tokens[i][: st[a]])
+        prompt_index = [trajs.prompt_index[i] for i in rows]
+        values = self.target.log_phi(seqs, prompt_index).double()
+        phi[torch.tensor(rows), torch.tensor(slots)] = values
+        return out + phi
+
+
+REWARDS: dict[type, type[PrefixReward]] = {InfillingPotential: LikelihoodReward, TemperedPotential: TemperedReward}
+"""Potential class → reward; anything else is a :class:`PotentialReward`."""
+
+
+def reward_for(target: Target, stop_ids: Sequence[int]) -> PrefixReward:
+    """The GFlowNet reward of ``target`` (module docstring) with stop action ``stop_ids``."""
+    for cls, reward in REWARDS.items():
+        if isinstance(target.potential, cls):
+            return reward(target, stop_ids)
+    return PotentialReward(target, stop_ids)

@@ -1,0 +1,524 @@
+"""The training loop every twistlm trainer shares: callbacks, schedule, accelerate, logging, checkpoints, resume.
+
+:class:`TrainLoop` holds what a twist trainer (:mod:`twistlm.training`) and a GFlowNet trainer
+(:mod:`twistlm.gfn.trainer`) have in common; a trainer subclasses it and supplies
+
+* ``training_step() -> (loss, info)`` — sample, compute the loss, call :meth:`TrainLoop.optimizer_step`;
+* ``eval_metrics(info) -> dict`` — what is logged every ``logging_steps`` besides the loss;
+* ``save_model(dir)`` / ``load_model(dir)`` — the trained object (a twist, a LoRA adapter);
+* optionally ``extra_state() -> dict`` / ``load_extra_state(dict)`` — tensors to checkpoint (replay buffers, ...),
+  stored with ``torch.save`` and read back with ``weights_only=True`` (tensors and plain containers only).
+
+Hugging Face conventions kept: a dataclass config (:class:`LoopConfig`, parsable by ``HfArgumentParser``),
+``transformers.TrainerCallback`` callbacks called with a real ``TrainerState`` / ``TrainerControl``,
+``get_scheduler`` schedules, ``output_dir/checkpoint-N`` folders with ``save_total_limit``, an
+``accelerate.Accelerator`` for device placement and ``accelerate launch`` / ``torchrun`` (each process samples with
+its own seed offset; gradients are averaged; metrics are averaged over processes and logged once; the main process
+writes files).
+
+Checkpoints hold the model, optimizer, scheduler, the step, the log history and **every process's** RNG states (the
+sampler's generator, torch, CUDA, Python, NumPy). Nothing is unpickled on resume: RNG tensors are safetensors,
+Python/NumPy states JSON, optimizer/scheduler/extra state go through ``torch.load(weights_only=True)``. A checkpoint is
+written to a temporary folder and moved into place with ``os.replace``; a run killed at any moment leaves only
+complete checkpoints, and ``resume`` continues from the newest one that reads back intact (falling back to older ones,
+and saying so) with the same result as the uninterrupted run. Ctrl-C writes a checkpoint of the last finished step
+before the interrupt propagates. A non-empty ``output_dir`` is refused unless ``resume`` or ``overwrite``; a resume
+whose settings (including the task, its options, the horizon and the model) differ from the checkpoint's is refused
+naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from twistlm.errors import ConfigError, TwistLMError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_NAME = "trainer_state.json"
+CONFIG_NAME = "training_config.json"
+HISTORY_NAME = "log_history.json"
+CURVE_NAME = "training_curve.png"
+RNG_TENSORS = "rng_state_{rank}.safetensors"
+RNG_JSON = "rng_state_{rank}.json"
+EXTRA_NAME = "extra_state.pt"
+RUN_INFO_KEYS = ("task", "task_options", "model_name", "max_new_tokens")
+"""Run facts a resumed run must share with its checkpoint, besides the config's own ``resume_keys``."""
+SEED_STRIDE = 1_000_003
+"""Process r of a multi-process run seeds its generators with ``seed + SEED_STRIDE · r`` (disjoint samples)."""
+
+
+@dataclass
+class LoopConfig:
+    """Settings every trainer shares; trainers extend it with their own fields (``HfArgumentParser`` parses both)."""
+
+    output_dir: str = field(default="twistlm-out", metadata={"help": "Where checkpoints and the final model go."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    max_steps: int = field(default=200, metadata={"help": "Number of optimizer updates."})
+    seed: int = field(default=0, metadata={"help": "Seed of every random draw of the run."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
+    warmup_steps: int = field(default=0, metadata={"help": "Learning-rate warmup steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW β2."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N updates."})
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint every N updates (0: only the final model)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Start afresh in an output_dir that holds another run."})
+    plot: bool = field(default=True, metadata={"help": "Write training_curve.png at the end."})
+
+    resume_keys = ("seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm")
+    """Settings a resumed run must share with its checkpoint (others, e.g. logging or max_steps, may change)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "logging_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)) or (
+            self.learning_rate <= 0
+        ):
+            raise ConfigError(f"learning_rate must be positive and finite, got {self.learning_rate}")
+        if self.save_steps < 0:
+            raise ConfigError(f"save_steps must be ≥ 0, got {self.save_steps}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must lie in [0, 2^63), got {self.seed}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+class TrainLoop:
+    """The shared loop (module docstring). ``params``: parameters, or optimizer parameter groups (dicts).
+    ``model`` is what callbacks receive as ``model=``."""
+
+    model: Any = None
+
+    def __init__(self, config: LoopConfig, params: Sequence[Any], *, callbacks: Sequence[Any] = (),
+                 run_info: dict | None = None, accelerator: Any = None, cpu: bool = True):
+        from accelerate import Accelerator
+        from transformers import TrainerControl, TrainerState, get_scheduler
+
+        self.config = config
+        self.callbacks = list(callbacks)
+        self.run_info = dict(run_info or {})
+        self.accelerator = accelerator or Accelerator(cpu=cpu)
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            betas=(config.adam_beta1, config.adam_beta2),
+        )
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.max_steps,
+        )
+        self.rank = self.accelerator.process_index
+        seed = config.seed + SEED_STRIDE * self.rank
+        self.generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        self.state = TrainerState(
+            max_steps=config.max_steps,
+            logging_steps=config.logging_steps,
+            save_steps=config.save_steps,
+            log_history=[],
+            is_local_process_zero=self.accelerator.is_local_main_process,
+            is_world_process_zero=self.accelerator.is_main_process,
+        )
+        self.control = TrainerControl()
+        self._window: list[float] = []
+        self.output_dir = Path(config.output_dir)
+
+    # -- what a trainer supplies -------------------------------------------------------------------------------------
+
+    def training_step(self) -> tuple[float, Any]:
+        raise NotImplementedError
+
+    def eval_metrics(self, info: Any) -> dict[str, float]:
+        return {}
+
+    def save_model(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load_model(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # -- callbacks ---------------------------------------------------------------------------------------------------
+
+    def add_callback(self, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+    def _event(self, name: str, **kwargs: Any) -> None:
+        for cb in self.callbacks:
+            hook = getattr(cb, name, None)
+            if callable(hook):
+                result = hook(
+                    self.config,
+                    self.state,
+                    self.control,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    lr_scheduler=self.scheduler,
+                    **kwargs,
+                )
+                if result is not None and hasattr(result, "should_training_stop"):
+                    self.control = result
+
+    # -- one optimizer step ------------------------------------------------------------------------------------------
+
+    def optimizer_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> float:
+        """Backward, average gradients over processes, clip, step, schedule; returns the loss value.
+
+        A non-finite loss stops the run before the step, naming the step and (``terms``) the non-finite term; the
+        last checkpoint stays as it was.
+        """
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            bad = [k for k, v in (terms or {}).items() if not bool(torch.isfinite(v.detach()).all())]
+            where = f" (non-finite term: {', '.join(bad)})" if bad else ""
+            raise TwistLMError(
+                f"the loss is {value} at step {self.state.global_step + 1}{where}; the run stopped with its last "
+                "checkpoint intact (lower the learning rate, or check the reward/potential)"
+            )
+        self.accelerator.backward(loss)
+        if self.accelerator.num_processes > 1:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self._event("on_pre_optimizer_step")
+        self.optimizer.step()
+        self._event("on_optimizer_step")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+
+    def train(self) -> Any:
+        """Run up to ``max_steps`` updates (continuing from a checkpoint with ``resume``); returns the TrainerState."""
+        cfg = self.config
+        if cfg.resume:
+            self._resume()
+        else:
+            self._claim_output_dir()
+        self._event("on_train_begin")
+        start = time.perf_counter()
+        try:
+            while self.state.global_step < cfg.max_steps and not self.control.should_training_stop:
+                self._event("on_step_begin")
+                value, info = self.training_step()
+                self.state.global_step += 1
+                self.state.epoch = self.state.global_step / cfg.max_steps
+                self._window.append(value)
+                self._event("on_step_end")
+                step = self.state.global_step
+                if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                    self.log(self.eval_metrics(info))
+                if cfg.save_steps and step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            if self.state.global_step > 0 and not (self.output_dir / f"checkpoint-{self.state.global_step}").exists():
+                self.save_checkpoint()  # the last finished step, so --resume continues from here
+            raise
+        self.state.train_runtime = time.perf_counter() - start
+        self.save_outputs()
+        self._event("on_train_end")
+        return self.state
+
+    def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes <= 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
+
+    def log(self, metrics: dict[str, float]) -> None:
+        loss = float(np.mean(self._window)) if self._window else float("nan")
+        reduced = self._reduce_metrics({"loss": loss, **metrics})
+        logs = {**reduced, "learning_rate": float(self.scheduler.get_last_lr()[0]), "step": self.state.global_step}
+        self._window = []
+        self.state.log_history.append(logs)
+        self._event("on_log", logs=logs)
+
+    # -- output folder -----------------------------------------------------------------------------------------------
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run: refuse a folder holding another run's files unless ``overwrite`` (then clear its runs)."""
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output folder {out} exists and is not a folder")
+        if not out.is_dir() or not any(out.iterdir()):
+            return
+        if not self.config.overwrite:
+            raise ConfigError(
+                f"output folder {out} is not empty (another run?); use resume to continue it or overwrite to replace it"
+            )
+        if self.accelerator.is_main_process:
+            for ckpt in list_checkpoints(out):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    # -- RNG states (no pickle) --------------------------------------------------------------------------------------
+
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                out[f"cuda_{i}"] = s
+        return out
+
+    @staticmethod
+    def _rng_json() -> dict:
+        version, internal, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        }
+
+    def _save_rng(self, directory: Path) -> None:
+        """Every process's RNG state: gathered to the main process, which writes one pair of files per rank."""
+        from safetensors.torch import save_file
+
+        tensors, plain = self._rng_tensors(), self._rng_json()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([(self.rank, tensors, plain)])
+        else:
+            gathered = [(self.rank, tensors, plain)]
+        if not self.accelerator.is_main_process:
+            return
+        for rank, t, p in gathered:
+            save_file({k: v.contiguous() for k, v in t.items()}, str(directory / RNG_TENSORS.format(rank=rank)))
+            (directory / RNG_JSON.format(rank=rank)).write_text(json.dumps(p))
+
+    def _load_rng(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(directory / RNG_TENSORS.format(rank=self.rank)))
+        plain = json.loads((directory / RNG_JSON.format(rank=self.rank)).read_text())
+        self.generator.set_state(tensors["generator"])
+        torch.set_rng_state(tensors["torch"])
+        if torch.cuda.is_available():
+            cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+        version, internal, gauss = plain["python"]
+        random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        name, keys, pos, has_gauss, cached = plain["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``output_dir/checkpoint-N`` atomically (temporary folder + ``os.replace``); collective call."""
+        step = self.state.global_step
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self._save_rng(tmp)  # collective: every process contributes its own state
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return None
+        self.save_model(tmp / "model")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        extra = self.extra_state()
+        if extra:
+            torch.save(extra, tmp / EXTRA_NAME)
+        state = {
+            "global_step": step,
+            "log_history": self.state.log_history,
+            "loss_window": self._window,
+            "config": self.config.to_dict(),
+            "run_info": {k: self.run_info.get(k) for k in RUN_INFO_KEYS if k in self.run_info},
+            "num_processes": self.accelerator.num_processes,
+        }
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2, default=str))
+        if final.exists():
+            old = self.output_dir / f".old-checkpoint-{step}-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        self._rotate_checkpoints()
+        self._event("on_save", checkpoint=str(final))
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.config.save_total_limit
+        if not limit:
+            return
+        for old in list_checkpoints(self.output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _check_resume(self, ckpt: Path, saved: dict) -> None:
+        mine = self.config.to_dict()
+        keys = type(self.config).resume_keys
+        changed = [(k, saved["config"].get(k), mine.get(k)) for k in keys if saved["config"].get(k) != mine.get(k)]
+        info = saved.get("run_info", {})
+        changed += [
+            (k, info.get(k), self.run_info.get(k))
+            for k in RUN_INFO_KEYS
+            if k in info and k in self.run_info and _canonical(info.get(k)) != _canonical(self.run_info.get(k))
+        ]
+        procs = saved.get("num_processes", 1)
+        if procs != self.accelerator.num_processes:
+            changed.append(("num_processes", procs, self.accelerator.num_processes))
+        if changed:
+            raise ConfigError(
+                f"cannot resume from {ckpt}: it was trained with different settings ("
+                + ", ".join(f"{k}={a!r} vs {b!r}" for k, a, b in changed)
+                + ")"
+            )
+
+    def _load_checkpoint(self, ckpt: Path) -> dict:
+        saved = json.loads((ckpt / STATE_NAME).read_text())
+        self._check_resume(ckpt, saved)
+        self.load_model(ckpt / "model")
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        self._load_rng(ckpt)
+        if (ckpt / EXTRA_NAME).is_file():
+            self.load_extra_state(torch.load(ckpt / EXTRA_NAME, weights_only=True))
+        return saved
+
+    def _resume(self) -> None:
+        if self.accelerator.is_main_process:
+            for stale in self.output_dir.glob(".tmp-checkpoint-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a run killed while writing: never complete, never read
+        self.accelerator.wait_for_everyone()
+        checkpoints = list_checkpoints(self.output_dir)
+        skipped = []
+        for ckpt in reversed(checkpoints):
+            try:
+                saved = self._load_checkpoint(ckpt)
+            except ConfigError:
+                raise
+            except Exception as exc:  # a truncated or corrupted file: fall back to an older checkpoint
+                skipped.append(f"{ckpt.name} ({type(exc).__name__}: {str(exc)[:80]})")
+                continue
+            if skipped:
+                self._warn(f"resuming from {ckpt.name}: newer checkpoints are damaged: {'; '.join(skipped)}")
+            self.state.global_step = int(saved["global_step"])
+            self.state.log_history = list(saved["log_history"])
+            self._window = list(saved.get("loss_window", []))
+            return
+        if skipped:
+            raise ConfigError(f"cannot resume from {self.output_dir}: no checkpoint is intact ({'; '.join(skipped)})")
+
+    def _warn(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            import sys
+
+            print(f"warning: {message}", file=sys.stderr)
+
+    # -- final outputs -----------------------------------------------------------------------------------------------
+
+    def save_outputs(self) -> None:
+        """The final model, the run's configuration, the log history and (``plot``) the training curves."""
+        if not self.accelerator.is_main_process:
+            return
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        self.save_model(out)
+        config = {**self.config.to_dict(), **self.output_info(), **self.run_info}
+        _write_json(out / CONFIG_NAME, config)
+        _write_json(out / HISTORY_NAME, self.state.log_history)
+        if self.config.plot:
+            plot_training_curves(self.state.log_history, out / CURVE_NAME, self.curve_panels)
+
+    def output_info(self) -> dict:
+        """Extra fields of ``training_config.json`` (e.g. the proposal actually used)."""
+        return {}
+
+    curve_panels: Sequence[tuple[str, str]] = (("loss", "loss"),)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def plot_training_curves(log_history: list[dict], path: str | os.PathLike, panels: Sequence[tuple[str, str]]) -> Path:
+    """Logged metrics against the step, one panel per ``(key, title)``, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 2
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(9, 3 * rows), constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(e["step"], e[key]) for e in log_history if key in e and e[key] is not None and math.isfinite(e[key])]
+        if pts:
+            ax.plot(*zip(*pts), marker=".")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
