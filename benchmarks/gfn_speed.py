@@ -31,26 +31,22 @@ DATA = "../shared/data/arithmetic/train_50.json"
 
 
 def per_prefix_rewards(lm, target, trajs, states, stop) -> torch.Tensor:
-    """log R at every state with one forward per prefix: prefill(x z_1:m), then score "." + y on top of it."""
+    """log R at every state the reference's way: one forward per prefix (x z_1:m "." y scored from x z_1:m's cache),
+    plus one pass per trajectory for the cumulative log p0 of its actions (tool tokens weigh 1)."""
     out = torch.zeros(len(trajs), max(len(s) for s in states), dtype=torch.float64)
     obs = target.extras["observation"]
     for i, st in enumerate(states):
         prompt = target.prompt_ids[trajs.prompt_index[i]]
         y = [stop] + lm.tokenize(obs[trajs.prompt_index[i]])
         toks, forced = trajs.tokens[i], trajs.forced[i]
+        ctx = lm.prefill([prompt], 1)
+        cum = [0.0]
+        for t, f in zip(toks, forced):
+            cum.append(cum[-1] + (0.0 if f else float(ctx.logprobs[0, t])))
+            ctx = lm.step(ctx, torch.tensor([t]))
         for a, m in enumerate(st):
             state = lm.prefill([prompt + toks[:m]], 1)
-            suffix = float(lm.score_tokens(state, [y], [0])[0])
-            base = lm.prefill([prompt], 1)
-            cum = float(lm.score_tokens(base, [toks[:m]], [0])[0]) if m else 0.0
-            # forced (tool) tokens weigh 1: remove their p0 again
-            if any(forced[:m]):
-                ctx = lm.prefill([prompt], 1)
-                for k, t in enumerate(toks[:m]):
-                    if forced[k]:
-                        cum -= float(ctx.logprobs[0, t])
-                    ctx = lm.step(ctx, torch.tensor([t]))
-            out[i, a] = cum + suffix
+            out[i, a] = cum[m] + float(lm.score_tokens(state, [y], [0])[0])
     return out
 
 

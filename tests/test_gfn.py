@@ -20,7 +20,6 @@ from twistlm.errors import ConfigError, TwistLMError
 from twistlm.gfn.config import GFNConfig
 from twistlm.gfn.objectives import subtb_loss, tb_loss
 from twistlm.gfn.replay import ReplayBuffer, edit_distance
-from twistlm.gfn.rewards import reward_for
 from twistlm.gfn.sampling import ActionSpace, sample_trajectories
 from twistlm.gfn.scoring import prefix_pass, suffix_at_states
 from twistlm.gfn.toy_policy import TabularPolicy
@@ -249,8 +248,8 @@ def test_suffix_at_every_state_equals_per_prefix_scoring_on_smollm2(smol):
     from twistlm.tasks.arithmetic import few_shot_prompt
 
     tok = smol.tokenize
-    prompts = [smol.encode(few_shot_prompt("Question: 2 + 5 - 3 = ? Answer:", 2)),
-               smol.encode(few_shot_prompt("Question: 9 + 1 = ? Answer:", 2))]
+    prompts = [smol.encode(few_shot_prompt("Question: 2 + 5 - 3 = ? Answer:", 1)),
+               smol.encode(few_shot_prompt("Question: 9 + 1 = ? Answer:", 1))]
     seqs = [tok(" 2 + 5 = 7, 7 - 3 = 4"), tok(" 9 + 1 = 10"), tok(" 2 +")]
     rows = [0, 1, 0]
     suffixes = [tok(". The answer is 4."), tok(". The answer is 10."), tok(".")]
@@ -316,7 +315,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, one_thread):
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(here=str(HERE), tmp=str(killed))],
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(here=str(HERE), tmp=str(killed))], check=False,
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert [p.name for p in list_checkpoints(killed / "run")] == ["checkpoint-4", "checkpoint-8"]
@@ -422,9 +421,9 @@ def test_arithmetic_problem_without_answers_is_refused(tmp_path, shared_data):
 
 @pytest.mark.model
 def test_lora_policy_saves_and_reloads_with_peft(tmp_path, one_thread):
-    import twistlm
     from peft import PeftModel
 
+    import twistlm
     from twistlm.gfn.policy import LoRAPolicy, LoraSettings, load_policy
 
     lm = twistlm.load_lm()  # a private copy: attaching an adapter changes the model in place

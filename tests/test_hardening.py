@@ -22,7 +22,7 @@ from twistlm import embedded, memory
 from twistlm.cli import run_app
 from twistlm.cli import sample as sample_cli
 from twistlm.cli.common import write_json
-from twistlm.errors import ConfigError, ModelLoadError, PotentialError, PromptTooLongError, TwistLMError
+from twistlm.errors import ConfigError, ModelLoadError, PotentialError, TwistLMError
 from twistlm.lm import LMState
 from twistlm.potentials import FunctionPotential, Sequences
 from twistlm.resampling import ess
@@ -100,7 +100,7 @@ def test_keyboard_interrupt_exits_130_with_one_line(capsys, monkeypatch, toy):
 
     monkeypatch.setattr(sample_cli, "run_smc", interrupted)
     assert run_app(["sample", "--model", "toy", "-p", "ab", "-q"]) == INTERRUPTED
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert err.strip().splitlines() == ["interrupted"], err
 
 
@@ -241,7 +241,7 @@ def test_memory_estimate_reads_the_hf_config(monkeypatch):
     lm = SimpleNamespace(model=SimpleNamespace(config=cfg, dtype=torch.float32), vocab_size=49152, hidden_size=576,
                          device=torch.device("cpu"))
     assert memory.kv_cache_bytes(lm, 64, 100) == 30 * 2 * 64 * 100 * 3 * 64 * 4
-    dev, host = memory.sampler_bytes(lm, 100_000, 40, 32, memory.BASE_VOCAB_BUFFERS)
+    dev, _ = memory.sampler_bytes(lm, 100_000, 40, 32, memory.BASE_VOCAB_BUFFERS)
     assert dev > 100_000 * 49152 * 4 * memory.BASE_VOCAB_BUFFERS  # ~20 GB per buffer set, plus the KV cache
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 8 * 2**30)
     with pytest.raises(ConfigError, match=r"need about [\d,.]+ GiB but only 8.0 GiB of RAM"):

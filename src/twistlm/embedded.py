@@ -16,9 +16,9 @@ import shutil
 import socket
 import tempfile
 import threading
-from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from twistlm.errors import ModelLoadError
 

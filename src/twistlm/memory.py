@@ -55,7 +55,7 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
     if device.type == "cuda":
         try:
             return int(torch.cuda.mem_get_info(device)[0])
-        except Exception:  # no driver answer: do not guess
+        except Exception:  # no driver answer: do not guess  # noqa: BLE001
             return None
     if device.type != "cpu":
         return None

@@ -20,7 +20,6 @@ would leave little of ``Trainer`` but its surprises.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +40,9 @@ from twistlm.positives import (
 )
 from twistlm.smc import run_smc
 from twistlm.target import Target
+from twistlm.trainloop import CURVE_NAME, LoopConfig, TrainLoop, list_checkpoints
 from twistlm.twists.base import Twist
 from twistlm.twists.features import prefix_features, prefix_log_psi
-from twistlm.trainloop import CURVE_NAME, LoopConfig, TrainLoop, list_checkpoints
 from twistlm.twists.io import load_twist_state, read_weights, save_twist
 
 PROPOSALS = ("base", "twisted")

@@ -426,16 +426,13 @@ class TrainLoop:
                 + ")"
             )
 
-    def _load_checkpoint(self, ckpt: Path) -> dict:
-        saved = json.loads((ckpt / STATE_NAME).read_text())
-        self._check_resume(ckpt, saved)
+    def _load_files(self, ckpt: Path) -> None:
         self.load_model(ckpt / "model")
         self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         self._load_rng(ckpt)
         if (ckpt / EXTRA_NAME).is_file():
             self.load_extra_state(torch.load(ckpt / EXTRA_NAME, weights_only=True))
-        return saved
 
     def _resume(self) -> None:
         if self.accelerator.is_main_process:
@@ -446,10 +443,14 @@ class TrainLoop:
         skipped = []
         for ckpt in reversed(checkpoints):
             try:
-                saved = self._load_checkpoint(ckpt)
-            except ConfigError:
-                raise
-            except Exception as exc:  # a truncated or corrupted file: fall back to an older checkpoint
+                saved = json.loads((ckpt / STATE_NAME).read_text())
+            except (OSError, ValueError) as exc:
+                skipped.append(f"{ckpt.name} ({type(exc).__name__})")
+                continue
+            self._check_resume(ckpt, saved)  # other settings: refused, never skipped
+            try:
+                self._load_files(ckpt)
+            except Exception as exc:  # a truncated, corrupted or unsafe file: fall back to an older checkpoint  # noqa: BLE001
                 skipped.append(f"{ckpt.name} ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
             if skipped:

@@ -238,3 +238,23 @@ class TrainingProgress:
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.progress.update(self.bar, status=self._status(logs or {}))
+
+
+def run_training(make_trainer: Any, steps: int, keys: tuple[tuple[str, str], ...], quiet: bool) -> tuple[Any, Any]:
+    """Build a trainer with ``make_trainer(callbacks)`` and train it under a progress bar; (trainer, TrainerState)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from twistlm.cli.app import err_console
+
+    columns = (
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps · {task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    disable = quiet or not err_console.is_terminal
+    with Progress(*columns, console=err_console, transient=True, disable=disable) as progress:
+        trainer = make_trainer([TrainingProgress(progress, steps, keys)])
+        state = trainer.train()
+    return trainer, state

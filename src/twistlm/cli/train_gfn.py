@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from twistlm.cli.app import app, console, err_console
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     TOY_MODEL,
-    TrainingProgress,
     check_model,
     config_options,
     load_model,
     parse_options,
+    run_training,
 )
 from twistlm.errors import TwistLMError
 from twistlm.gfn.config import GFNConfig
@@ -131,20 +130,10 @@ def train_gfn(
         "model_name": lm.name,
         "max_new_tokens": problem.target.max_new_tokens,
     }
-    columns = (
-        TextColumn("[bold]training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps · {task.fields[status]}"),
-        TimeElapsedColumn(),
+    trainer, state = run_training(
+        lambda callbacks: GFNTrainer(policy, problem, config, callbacks=callbacks, run_info=run_info), steps, PROGRESS_KEYS, quiet
     )
-    with Progress(
-        *columns, console=err_console, transient=True, disable=quiet or not err_console.is_terminal
-    ) as progress:
-        callback = TrainingProgress(progress, steps, PROGRESS_KEYS)
-        trainer = GFNTrainer(policy, problem, config, callbacks=[callback], run_info=run_info)
-        state = trainer.train()
-    if not quiet:
+    if not quiet and trainer.accelerator.is_main_process:  # one summary, not one per process
         last = state.log_history[-1] if state.log_history else {}
         summary = " · ".join(f"{k} {last[k]:.4g}" for k, _ in PROGRESS_KEYS if k in last)
         console.print(f"trained a GFlowNet policy with {objective} for {state.global_step} steps: {summary}",

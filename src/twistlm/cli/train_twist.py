@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from twistlm.cli.app import app, console, err_console
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     TOY_MODEL,
-    TrainingProgress,
     check_model,
     check_task_options,
     config_options,
     load_model,
     parse_options,
+    run_training,
 )
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.losses import LOSSES, get_loss
@@ -155,19 +154,10 @@ def train_twist(
         "max_new_tokens": target.max_new_tokens,
     }
 
-    columns = (
-        TextColumn("[bold]training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps · {task.fields[status]}"),
-        TimeElapsedColumn(),
+    trainer, state = run_training(
+        lambda callbacks: TwistTrainer(twist, target, config, callbacks=callbacks, run_info=run_info), steps, PROGRESS_KEYS, quiet
     )
-    with Progress(
-        *columns, console=err_console, transient=True, disable=quiet or not err_console.is_terminal
-    ) as progress:
-        trainer = TwistTrainer(twist, target, config, callbacks=[TrainingProgress(progress, steps, PROGRESS_KEYS)], run_info=run_info)
-        state = trainer.train()
-    if not quiet:
+    if not quiet and trainer.accelerator.is_main_process:  # one summary, not one per process
         last = state.log_history[-1] if state.log_history else {}
         summary = " · ".join(f"{k} {last[k]:.4g}" for k in ("loss", "log_z", "ess", "mean_reward") if k in last)
         console.print(

@@ -26,7 +26,7 @@ class GFNConfig(LoopConfig):
     output_dir: str = field(default="gfn-out", metadata={"help": "Where checkpoints and the final adapter go."})
     objective: str = field(default="subtb", metadata={"help": "subtb | tb | sft."})
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA adapter."})
-    max_steps: int = field(default=120, metadata={"help": "Number of optimizer updates."})
+    max_steps: int = field(default=80, metadata={"help": "Number of optimizer updates."})
     lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "transformers scheduler name."})
     warmup_steps: int = field(default=10, metadata={"help": "Learning-rate warmup steps."})
     adam_beta2: float = field(default=0.99, metadata={"help": "AdamW β2."})

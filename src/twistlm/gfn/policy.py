@@ -186,7 +186,7 @@ def load_action_space(directory: str | os.PathLike) -> Any:
         return None
     try:
         allowed = load_file(str(Path(directory) / ACTION_SPACE_NAME))["allowed"].bool()
-    except Exception as exc:  # missing or corrupted file
+    except Exception as exc:  # missing or corrupted file  # noqa: BLE001
         raise ModelLoadError(f"cannot read {Path(directory) / ACTION_SPACE_NAME}: {exc}") from None
     return ActionSpace(allowed, tuple(spec["stop_ids"]), int(spec["min_len"]), int(spec["max_len"]),
                        bool(spec["stop_after_tool"]))
@@ -211,6 +211,6 @@ def load_policy(lm: HFLM, directory: str | os.PathLike, *, task: str | None = No
         raise ConfigError(f"policy {directory} was trained for task {info.get('task')!r}, not {task!r}")
     try:
         peft_model = PeftModel.from_pretrained(lm.model, str(directory), is_trainable=False)
-    except Exception as exc:  # a corrupted adapter file surfaces as many different exception types
+    except Exception as exc:  # a corrupted adapter file surfaces as many different exception types  # noqa: BLE001
         raise ModelLoadError(f"cannot load the adapter in {directory}: {exc}") from None
     return _policy_lm(peft_model, lm)

@@ -32,7 +32,7 @@ ARITHMETIC_TOKENS = 64
 """Horizon T of the latent arithmetic target (actions plus calculator tokens)."""
 ARITHMETIC_REWARD_TEMPERATURE = (1.1, 0.5, 100)
 """Reward temperature ramp: log R / T_R, T_R from 1.1 to 0.5 (the reference recipe, REFERENCES (B)), over 100 steps
-instead of its 150 (our runs are 120 updates, not 2000)."""
+instead of its 150 (our runs are 80 updates, not 2000)."""
 DEFAULT_LABELLED = 10
 DEFAULT_GENERIC_PROMPTS = 1
 
@@ -82,7 +82,7 @@ def arithmetic_problem(lm: ParticleLM, *, data: str | None = None, homework: str
     from twistlm.tasks.arithmetic import Problem, latent_target, stop_token_id
 
     if unknown:
-        raise ConfigError(f"train-gfn --task arithmetic has no option {sorted(unknown)[0]!r}; "
+        raise ConfigError(f"train-gfn --task arithmetic has no option {min(unknown)!r}; "
                           "options: data, homework, labelled, shots, tool")
     if data is None:
         raise ConfigError("train-gfn --task arithmetic needs -o data=FILE (e.g. ../shared/data/arithmetic/train_50.json)")

@@ -148,7 +148,7 @@ class PotentialReward(PrefixReward):
     def compute(self, lm, ppass, trajs, states, cum):
         out = cum + self.stop_term(lm, ppass, states)
         phi = torch.full_like(out, float("-inf"))
-        rows, lengths, slots, seqs = [], [], [], []
+        rows, slots, seqs = [], [], []
         for i, st in enumerate(states):
             chosen = range(len(st)) if self.prefix_defined else [len(st) - 1]
             for a in chosen:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from twistlm.lm import HFLM, HEAD_CHUNK_ELEMENTS, ParticleLM
+from twistlm.lm import HEAD_CHUNK_ELEMENTS, HFLM, ParticleLM
 
 
 @dataclass
@@ -106,7 +106,7 @@ def _hf_prefix_pass(lm: HFLM, prompts, rows, seqs) -> PrefixPass:
 
 
 def _generic_prefix_pass(lm: ParticleLM, prompts, rows, seqs) -> PrefixPass:
-    n, L = len(seqs), max((len(s) for s in seqs), default=0)
+    L = max((len(s) for s in seqs), default=0)
     state = lm.prefill([prompts[r] for r in rows], 1)
     out = [state.logprobs]
     for j in range(L):

@@ -235,7 +235,7 @@ class GFNTrainer(TrainLoop):
         pool = sorted(self.problem.given) if self.objective.name == "sft" else range(self.problem.target.num_prompts)
         keys = self._draw_prompts(list(pool))
         sub = self.problem.target.select(keys)
-        trajs, mode, tau = self._trajectories(keys, sub)
+        trajs, mode, _ = self._trajectories(keys, sub)
         batch, log_r = self.score(trajs, sub)
         extra = {}
         if self.objective.needs_log_z:

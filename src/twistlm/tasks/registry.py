@@ -16,7 +16,6 @@ from twistlm.errors import ConfigError
 from twistlm.lm import ParticleLM
 from twistlm.target import Target
 
-
 AnswerReader = Callable[[Target, list[str], list[int]], list[str | None]]
 """``read(target, texts, prompt_index)``: the answer each completion gives (None: none could be read)."""
 
