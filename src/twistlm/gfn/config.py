@@ -50,6 +50,7 @@ class GFNConfig(LoopConfig):
     epsilon: float = field(default=0.0, metadata={"help": "ε-mixing with uniform actions (behaviour only)."})
     buffer_capacity: int = field(default=50, metadata={"help": "Replay trajectories kept per prompt."})
     dedup_distance: float = field(default=0.25, metadata={"help": "Edit-distance share under which two are equal."})
+    reward_floor: float = field(default=-100.0, metadata={"help": "Lowest log R (φ = 0 maps here)."})
     reward_temp_start: float | None = field(default=None, metadata={"help": "Reward temperature at step 0 (task)."})
     reward_temp_end: float | None = field(default=None, metadata={"help": "Reward temperature after the ramp."})
     reward_temp_steps: int | None = field(default=None, metadata={"help": "Length of the linear ramp (steps)."})

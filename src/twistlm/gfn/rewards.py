@@ -14,7 +14,9 @@ tool-augmented p0, as in :mod:`twistlm.tools`):
   that declare ``prefix_defined = True`` (meaningful on every prefix, e.g. a classifier) give rewards at every state;
   otherwise only the final state is scored and only trajectory balance can use the reward.
 
-Rewards are floored at :data:`LOG_REWARD_FLOOR` so that φ = 0 (log R = −∞) gives a finite, very small reward.
+Rewards are floored (default :data:`LOG_REWARD_FLOOR`, ``GFNConfig.reward_floor``) so that φ = 0 (log R = −∞) gives a
+finite, very small reward. The floor must lie well below the rewards that matter: for long tempered continuations
+(log R = log p0 / τ of −100 … −300) the default flattens every reward (EXPERIMENTS.md, tempered continuation).
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ class PrefixReward(ABC):
     name = "reward"
     prefix_defined = True
 
-    def __init__(self, target: Target, stop_ids: Sequence[int]):
+    def __init__(self, target: Target, stop_ids: Sequence[int], floor: float = LOG_REWARD_FLOOR):
         self.target = target
         self.stop_ids = tuple(stop_ids)
+        self.floor = float(floor)
 
     @torch.no_grad()
     def __call__(self, lm: ParticleLM, trajs: Trajectories, states: Sequence[Sequence[int]],
@@ -92,10 +95,10 @@ class PrefixReward(ABC):
         for i, c in enumerate(chosen):
             cum[i, : len(c)] = full[i, c]
         part = self.compute(lm, ppass, trajs, sub_states, cum)
-        out = torch.full(full.shape, LOG_REWARD_FLOOR, dtype=torch.float64)
+        out = torch.full(full.shape, self.floor, dtype=torch.float64)
         for i, c in enumerate(chosen):
             out[i, c] = part[i, : len(c)]
-        return out.clamp(min=LOG_REWARD_FLOOR)
+        return out.clamp(min=self.floor)
 
     def stop_term(self, lm, ppass, states) -> torch.Tensor:
         rows, cols, slot = _flat_states(states)
@@ -110,8 +113,8 @@ class PrefixReward(ABC):
 class LikelihoodReward(PrefixReward):
     name = "likelihood"
 
-    def __init__(self, target: Target, stop_ids: Sequence[int]):
-        super().__init__(target, stop_ids)
+    def __init__(self, target: Target, stop_ids: Sequence[int], floor: float = LOG_REWARD_FLOOR):
+        super().__init__(target, stop_ids, floor)
         potential = target.potential
         kept = [s for s in stop_ids if not (target.stop_at_eos and s == target.lm.eos_token_id)]
         if len(stop_ids) != 1:
@@ -130,8 +133,8 @@ class LikelihoodReward(PrefixReward):
 class TemperedReward(PrefixReward):
     name = "tempered"
 
-    def __init__(self, target: Target, stop_ids: Sequence[int]):
-        super().__init__(target, stop_ids)
+    def __init__(self, target: Target, stop_ids: Sequence[int], floor: float = LOG_REWARD_FLOOR):
+        super().__init__(target, stop_ids, floor)
         self.tau = float(target.potential.tau)
 
     def compute(self, lm, ppass, trajs, states, cum):
@@ -141,8 +144,8 @@ class TemperedReward(PrefixReward):
 class PotentialReward(PrefixReward):
     name = "potential"
 
-    def __init__(self, target: Target, stop_ids: Sequence[int]):
-        super().__init__(target, stop_ids)
+    def __init__(self, target: Target, stop_ids: Sequence[int], floor: float = LOG_REWARD_FLOOR):
+        super().__init__(target, stop_ids, floor)
         self.prefix_defined = bool(getattr(target.potential, "prefix_defined", False))
 
     def compute(self, lm, ppass, trajs, states, cum):
@@ -165,9 +168,9 @@ REWARDS: dict[type, type[PrefixReward]] = {InfillingPotential: LikelihoodReward,
 """Potential class → reward; anything else is a :class:`PotentialReward`."""
 
 
-def reward_for(target: Target, stop_ids: Sequence[int]) -> PrefixReward:
+def reward_for(target: Target, stop_ids: Sequence[int], floor: float = LOG_REWARD_FLOOR) -> PrefixReward:
     """The GFlowNet reward of ``target`` (module docstring) with stop action ``stop_ids``."""
     for cls, reward in REWARDS.items():
         if isinstance(target.potential, cls):
-            return reward(target, stop_ids)
-    return PotentialReward(target, stop_ids)
+            return reward(target, stop_ids, floor)
+    return PotentialReward(target, stop_ids, floor)

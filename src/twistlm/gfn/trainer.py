@@ -102,7 +102,7 @@ class GFNTrainer(TrainLoop):
                 space.max_len if config.max_len is None else config.max_len,
             )
         self.space = space
-        self.reward = reward_for(target, space.stop_ids)
+        self.reward = reward_for(target, space.stop_ids, config.reward_floor)
         if self.objective.needs_prefix_rewards and not self.reward.prefix_defined:
             raise ConfigError(
                 f"objective {config.objective!r} needs rewards on every prefix, but potential "
@@ -166,7 +166,7 @@ class GFNTrainer(TrainLoop):
         states, terminable, last = state_index(trajs, self.space.min_len, self.space.stop_after_tool)
         if self.objective.uses_rewards:
             with self.policy.base() as base_lm:
-                log_r = reward_for(sub, self.space.stop_ids)(base_lm, trajs, states, terminable)
+                log_r = reward_for(sub, self.space.stop_ids, self.config.reward_floor)(base_lm, trajs, states, terminable)
         else:
             log_r = torch.zeros(terminable.shape, dtype=torch.float64)
         rows = torch.tensor([i for i, st in enumerate(states) for _ in st])
@@ -223,7 +223,7 @@ class GFNTrainer(TrainLoop):
                 trajs = trajs.concat(Trajectories([g.tokens], [g.forced], [b], [g.stop_token >= 0], [g.stop_token]))
             states, terminable, last = state_index(trajs, self.space.min_len, self.space.stop_after_tool)
             with self.policy.base() as base_lm:
-                log_r = reward_for(sub, self.space.stop_ids)(base_lm, trajs, states, terminable)
+                log_r = reward_for(sub, self.space.stop_ids, self.config.reward_floor)(base_lm, trajs, states, terminable)
             final = log_r.gather(1, last[:, None]).squeeze(1)
             self.buffer.add_batch(part, trajs, final)
 
