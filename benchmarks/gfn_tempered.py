@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--only-policy", action="store_true", help="evaluate the policy alone (no baselines)")
     args = ap.parse_args()
     lm = twistlm.load_lm()
     target = get_task("tempered").build(lm, num_prompts=args.prompts, data=DATA, index=args.first)
@@ -107,6 +108,8 @@ def main() -> None:
         "nucleus p=0.95": lambda: nucleus_samples(lm, plain, args.K, 0.95, gen),
         f"SMC on σ, K={args.K}": lambda: smc_samples(target, args.K, gen),
     }
+    if args.only_policy:
+        methods = {}
     if args.policy:
         methods["GFlowNet policy"] = lambda: policy_samples(args.policy, lm, plain, args.K, gen)
     rows = {}
