@@ -74,7 +74,7 @@ def exact_kl(trainer: GFNTrainer) -> tuple[float, float]:
 
 
 def make_trainer(problem, tmp_path, **overrides) -> GFNTrainer:
-    policy = TabularPolicy(problem.target.lm, problem.target.prompt_ids, problem.space.max_len)
+    policy = TabularPolicy(problem.target.lm)
     settings = dict(
         output_dir=str(tmp_path / "run"),
         learning_rate=0.2,

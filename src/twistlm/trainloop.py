@@ -44,15 +44,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from twistlm import rng_state
 from twistlm.errors import ConfigError, TwistLMError
+from twistlm.training_curves import plot_training_curves
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.json"
 CONFIG_NAME = "training_config.json"
 HISTORY_NAME = "log_history.json"
 CURVE_NAME = "training_curve.png"
-RNG_TENSORS = "rng_state_{rank}.safetensors"
-RNG_JSON = "rng_state_{rank}.json"
 EXTRA_NAME = "extra_state.pt"
 RUN_INFO_KEYS = ("task", "task_options", "model_name", "max_new_tokens")
 """Run facts a resumed run must share with its checkpoint, besides the config's own ``resume_keys``."""
@@ -309,54 +309,21 @@ class TrainLoop:
 
     # -- RNG states (no pickle) --------------------------------------------------------------------------------------
 
-    def _rng_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                out[f"cuda_{i}"] = s
-        return out
-
-    @staticmethod
-    def _rng_json() -> dict:
-        version, internal, gauss = random.getstate()
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        return {
-            "python": [version, list(internal), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        }
-
     def _save_rng(self, directory: Path) -> None:
         """Every process's RNG state: gathered to the main process, which writes one pair of files per rank."""
-        from safetensors.torch import save_file
-
-        tensors, plain = self._rng_tensors(), self._rng_json()
+        mine = (self.rank, *rng_state.capture(self.generator))
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
-            gathered = gather_object([(self.rank, tensors, plain)])
+            gathered = gather_object([mine])
         else:
-            gathered = [(self.rank, tensors, plain)]
-        if not self.accelerator.is_main_process:
-            return
-        for rank, t, p in gathered:
-            save_file({k: v.contiguous() for k, v in t.items()}, str(directory / RNG_TENSORS.format(rank=rank)))
-            (directory / RNG_JSON.format(rank=rank)).write_text(json.dumps(p))
+            gathered = [mine]
+        if self.accelerator.is_main_process:
+            for rank, tensors, plain in gathered:
+                rng_state.write(directory, rank, tensors, plain)
 
     def _load_rng(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(directory / RNG_TENSORS.format(rank=self.rank)))
-        plain = json.loads((directory / RNG_JSON.format(rank=self.rank)).read_text())
-        self.generator.set_state(tensors["generator"])
-        torch.set_rng_state(tensors["torch"])
-        if torch.cuda.is_available():
-            cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
-            if cuda:
-                torch.cuda.set_rng_state_all(cuda)
-        version, internal, gauss = plain["python"]
-        random.setstate((int(version), tuple(int(x) for x in internal), gauss))
-        name, keys, pos, has_gauss, cached = plain["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+        rng_state.restore(directory, self.rank, self.generator)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -498,28 +465,3 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
-
-
-def plot_training_curves(log_history: list[dict], path: str | os.PathLike, panels: Sequence[tuple[str, str]]) -> Path:
-    """Logged metrics against the step, one panel per ``(key, title)``, as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 2
-    rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(9, 3 * rows), constrained_layout=True, squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    for ax, (key, title) in zip(axes.flat, panels):
-        pts = [(e["step"], e[key]) for e in log_history if key in e and e[key] is not None and math.isfinite(e[key])]
-        if pts:
-            ax.plot(*zip(*pts), marker=".")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -56,7 +56,7 @@ def _policy(lm, problem, config: GFNConfig):
         return LoRAPolicy.create(lm, settings)
     from twistlm.gfn.toy_policy import TabularPolicy
 
-    return TabularPolicy(lm, problem.target.prompt_ids, problem.space.max_len)
+    return TabularPolicy(lm)
 
 
 @app.command("train-gfn")

@@ -74,10 +74,9 @@ class _PolicyLM(ParticleLM):
 
 
 class TabularPolicy(torch.nn.Module):
-    """One logit offset per (prompt, prefix ≤ ``max_len`` tokens) over ``base_lm``'s vocabulary (module docstring)."""
+    """One logit offset per (prompt, prefix) over ``base_lm``'s vocabulary, ``capacity`` prefixes (module docstring)."""
 
-    def __init__(self, base_lm: ParticleLM, prompts: Sequence[Sequence[int]] = (), max_len: int = 0,
-                 capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, base_lm: ParticleLM, capacity: int = DEFAULT_CAPACITY):
         super().__init__()
         self.base_lm = base_lm
         self.index: dict[tuple, int] = {}
