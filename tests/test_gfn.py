@@ -25,6 +25,7 @@ from twistlm.gfn.scoring import prefix_pass, suffix_at_states
 from twistlm.gfn.toy_policy import TabularPolicy
 from twistlm.gfn.trainer import GFNProblem, GFNTrainer
 from twistlm.gfn.trajectories import StateBatch, Trajectories, state_index
+from twistlm.html import read_page_data
 from twistlm.potentials import FunctionPotential, InfillingPotential, TemperedPotential
 from twistlm.tasks.registry import TASKS, Task
 from twistlm.trainloop import list_checkpoints
@@ -381,6 +382,8 @@ def test_cli_train_gfn_end_to_end_and_refusals(tmp_path, toy_gfn_task, capsys, o
             "-q"]
     assert run_app(argv) == 0, capsys.readouterr().err
     assert (out / "training_config.json").is_file() and (out / "training_curve.png").is_file()
+    page = read_page_data((out / "training.html").read_text(encoding="utf-8"))  # beside the curve (issue 14)
+    assert [s["step"] for s in page["samples"]] == [2, 4] and "log_reward" in page["samples"][0]["samples"][0]
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     capsys.readouterr()
     assert run_app(argv) == USAGE_ERROR  # --out holds a run

@@ -12,6 +12,7 @@ from twistlm.resampling import RESAMPLERS
 from twistlm.result import SMCResult
 from twistlm.smc import run_smc, sis, smc, twisted_smc
 from twistlm.target import Target
+from twistlm.trace import SMCTrace
 from twistlm.toy import ToyLM
 from twistlm.twists import LinearTwist, Twist, TwistContext
 
@@ -28,6 +29,7 @@ __all__ = [
     "ParticleLM",
     "Potential",
     "SMCResult",
+    "SMCTrace",
     "Sequences",
     "Target",
     "ToyLM",

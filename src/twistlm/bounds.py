@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -113,25 +114,35 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Proposal:
-    """How particles are proposed: ``kind="base"`` (p0) or ``"twisted"`` (q_t ∝ p0 ψ_t, with ``twist``).
+    """How particles are proposed: ``kind="base"`` (p0), ``"twisted"`` (q_t ∝ p0 ψ_t, with ``twist``) or
+    ``"policy"`` (q_t = a policy's next-token distribution, with ``policy`` and optionally ``policy_space``; see
+    :mod:`twistlm.policy_proposal`).
 
-    The twist also defines the intermediate targets π_t of SMC. Extension point: a proposal that is another model or
-    a trained policy (e.g. a GFlowNet policy q_θ, MATH.md "Amortized inference") becomes a further kind here,
-    translated into the sampler's arguments by :meth:`sampler_kwargs`; bounds, KL estimates and reports only consume
-    the log Ẑ and log w it produces.
+    The twist also defines the intermediate targets π_t of SMC (with the policy proposal too). ``sis``: this proposal
+    never resamples (κ = 0, importance sampling) whatever the sampler of the bounds, e.g. to compare a GFlowNet policy
+    used alone with the same policy inside SMC. :meth:`sampler_kwargs` translates a proposal into the sampler's
+    arguments; bounds, KL estimates and reports only consume the log Ẑ and log w it produces.
     """
 
     kind: str = "base"
     twist: Twist | None = None
+    policy: Any = None
+    policy_space: Any = None
+    sis: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in PROPOSALS:
             raise ConfigError(f"unknown proposal kind {self.kind!r}; choose from: {', '.join(PROPOSALS)}")
         if self.kind == "twisted" and self.twist is None:
             raise ConfigError("a twisted proposal needs a twist")
+        if (self.kind == "policy") != (self.policy is not None):
+            raise ConfigError("a policy proposal needs a policy, and only a policy proposal takes one")
 
     def sampler_kwargs(self) -> dict:
-        return {"proposal": self.kind, "twist": self.twist}
+        kwargs = {"proposal": self.kind, "twist": self.twist}
+        if self.kind == "policy":
+            kwargs.update(policy=self.policy, policy_space=self.policy_space)
+        return kwargs
 
 
 def as_proposal(spec: Proposal | str | Twist | tuple) -> Proposal:
@@ -188,7 +199,7 @@ def run_log_z(
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose from: {', '.join(SAMPLERS)}")
     K = num_particles
-    kappa = 0.0 if sampler == "sis" or K == 1 else ess_threshold
+    kappa = 0.0 if sampler == "sis" or K == 1 or proposal.sis else ess_threshold
     chunk = max(1, max_batch_particles // K)
     out = []
     for c, start in enumerate(range(0, len(run_prompts), chunk)):

@@ -2,8 +2,9 @@
 
 The estimate counts what grows with the number of rows N = B·K: a few (N, V) float32 buffers per step (log p0, the
 proposal's probabilities, its float64 CDF, the twist's log ψ), the KV cache (layers × 2 × N × (prompt + T) ×
-kv_heads × head_dim × dtype size, read from a Hugging Face config) and the CPU bookkeeping (tokens (N, T)). It is a
-lower bound of the true peak: a run it refuses could not have fitted.
+kv_heads × head_dim × dtype size, read from a Hugging Face config), a policy proposal's own KV cache and log-probs
+(:func:`policy_bytes`) and the CPU bookkeeping (tokens (N, T)). It is a lower bound of the true peak: a run it refuses
+could not have fitted.
 """
 
 from __future__ import annotations
@@ -86,9 +87,20 @@ def format_bytes(n: int) -> str:
     return f"{gib:.1f} GiB" if gib < 1e5 else f"{gib:.2g} GiB"
 
 
-def check_sampler_memory(lm, num_rows: int, seq_len: int, new_tokens: int, vocab_buffers: int) -> None:
-    """Refuse a run whose estimated memory exceeds what its device (or the CPU) has free."""
+def policy_bytes(policy_lm, num_rows: int, seq_len: int) -> int:
+    """What a policy proposal adds (counted where the target's model lives): its KV cache, its (N, V) log-probs and
+    its (N, H) hidden states."""
+    per_row = (int(policy_lm.vocab_size) + int(policy_lm.hidden_size)) * 4
+    return num_rows * per_row + kv_cache_bytes(policy_lm, num_rows, seq_len)
+
+
+def check_sampler_memory(
+    lm, num_rows: int, seq_len: int, new_tokens: int, vocab_buffers: int, extra_device_bytes: int = 0
+) -> None:
+    """Refuse a run whose estimated memory (plus ``extra_device_bytes`` where the model lives) exceeds what its
+    device (or the CPU) has free."""
     device_bytes, host_bytes = sampler_bytes(lm, num_rows, seq_len, new_tokens, vocab_buffers)
+    device_bytes += extra_device_bytes
     dev = torch.device(lm.device)
     needs = [(dev, device_bytes)] if dev.type == "cpu" else [(dev, device_bytes), (torch.device("cpu"), 0)]
     needs[-1] = (needs[-1][0], needs[-1][1] + host_bytes)

@@ -3,7 +3,9 @@ report.md (MATH.md, "Bounds on log Z" and "KL estimates").
 
 :func:`evaluate` gathers exact target samples (rejection for bounded φ, BDMC for infilling, or none), the exact log Z
 when the target is small enough to enumerate, lower/upper bounds for every proposal and K, and KL estimates from the
-K = 1 runs. :func:`write_report` writes the four files, each atomically (temporary file + rename).
+K = 1 runs, and a few exact σ samples next to draws from each proposal (:mod:`twistlm.report_samples`).
+:func:`write_report` writes the files — results.json, bounds.png, kl.png, report.md and the self-contained
+report.html (:mod:`twistlm.html.report_page`) — each atomically (temporary file + rename).
 
 JSON: non-finite numbers are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (a lower bound of −∞ means some
 run had every particle at weight zero; a KL of ``"inf"`` means q reaches sequences with φ = 0).
@@ -40,6 +42,8 @@ class EvaluationReport:
     exact: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     log_z_rejection: float | None = None
+    examples: dict[str, Any] | None = None
+    """A few exact σ samples and draws from each proposal (:func:`twistlm.report_samples.report_examples`)."""
 
     @property
     def log_z_best(self) -> float:
@@ -67,6 +71,7 @@ class EvaluationReport:
             "exact_samples": self.exact,
             "bounds": self.bounds.to_dict(),
             "kl": {name: k.to_dict() for name, k in self.kl.items()},
+            "examples": self.examples,
         }
 
 
@@ -105,6 +110,7 @@ def evaluate(
     from twistlm.bdmc import infilling_problem
     from twistlm.bounds import select_prompts
     from twistlm.rejection import rejection_sample
+    from twistlm.report_samples import report_examples
 
     if exact not in EXACT_METHODS:
         raise ConfigError(f"unknown exact-sample method {exact!r}; choose from: {', '.join(EXACT_METHODS)}")
@@ -144,7 +150,8 @@ def evaluate(
         )
     meta = {**(meta or {}), "prompt": target.prompt_texts[0], "max_new_tokens": target.max_new_tokens}
     meta.update(exact_method=exact, particle_counts=counts, num_runs=bounds.num_runs)
-    return EvaluationReport(bounds, kl, log_z, info, meta, log_z_rejection=rejection_z)
+    examples = report_examples(target, proposals, samples, exact, seed=seed)
+    return EvaluationReport(bounds, kl, log_z, info, meta, log_z_rejection=rejection_z, examples=examples)
 
 
 def reference_log_z(bounds: BoundsResult, exact_info: dict[str, Any] | None) -> float | None:
@@ -331,12 +338,15 @@ def markdown_report(report: EvaluationReport) -> str:
 
 
 def write_report(report: EvaluationReport, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write results.json, bounds.png, kl.png and report.md into ``out_dir`` (created if needed)."""
+    """Write results.json, bounds.png, kl.png, report.md and report.html into ``out_dir`` (created if needed)."""
+    from twistlm.html.report_page import write_report_page
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("results.json", "bounds.png", "kl.png", "report.md")}
+    paths = {name: out / name for name in ("results.json", "bounds.png", "kl.png", "report.md", "report.html")}
     write_json(report, paths["results.json"])
     plot_bounds(report.bounds, paths["bounds.png"], report.log_z_exact)
     plot_kl(report.kl, paths["kl.png"])
     atomic_write_text(paths["report.md"], markdown_report(report))
+    write_report_page(report, paths["report.html"])
     return paths

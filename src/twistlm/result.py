@@ -65,6 +65,27 @@ class SMCResult:
             count[text] += 1
         return sorted(((t, weight[t], count[t]) for t in weight), key=lambda x: -x[1])
 
+    def to_html(self, path, *, trace=None, group: int | None = None, settings: dict | None = None,
+                title: str | None = None):
+        """Write a self-contained HTML view of this run to ``path`` (atomically; works offline) and return the path.
+
+        ``trace``: the :class:`twistlm.trace.SMCTrace` that was the run's ``callback`` (adds the step view, the
+        tool-token marks and log ψ); with several prompts pass ``group=b``, this result's prompt index.
+        ``settings``: name → value shown in the page (model, target, proposal, twist, seed, ...). See
+        :mod:`twistlm.html.run_page`.
+        """
+        from twistlm.errors import ConfigError
+        from twistlm.html.run_page import DEFAULT_TITLE, write_run_page
+        from twistlm.trace import SMCTrace
+
+        if isinstance(trace, SMCTrace):
+            if group is None and trace.num_groups > 1:
+                raise ConfigError(f"the trace holds {trace.num_groups} prompts: pass group=b (this result's prompt)")
+            trace = trace.group(group or 0)
+        elif group is not None:
+            raise ConfigError("group= selects a prompt of an SMCTrace; pass trace=SMCTrace too")
+        return write_run_page(path, [self], trace, settings, title or DEFAULT_TITLE)
+
     def to_dict(self) -> dict:
         """JSON-ready summary (−inf is written as null)."""
 

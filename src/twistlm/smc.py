@@ -23,17 +23,27 @@ with log q_t(s_t) = (log p0 + log ψ_t)(s_t) / τ − log Σ_v (p0 ψ_t)(v)^{1/�
 every step (the τ → 0 limit; ties go to the lowest token id; no random draw) and treats q as the point mass on it
 (log q = 0). Its weights are therefore not importance weights: W = log p0(s) φ(s) of the decoded sequence, and
 log Ẑ = log p0(s) φ(s) ≤ log Z is not an estimate of log Z.
+
+Policy proposal (``proposal="policy"``, ``policy=`` a second :class:`~twistlm.lm.ParticleLM` over the same vocabulary,
+e.g. a GFlowNet policy's ``.lm``): q_t is the policy's next-token distribution, optionally restricted to its
+``policy_space`` (an :class:`~twistlm.gfn.sampling.ActionSpace`); the policy keeps its own KV cache, prefilled, stepped
+and reordered with the sampler's particles (:mod:`twistlm.policy_proposal`). Its weights are the general w_t above with
+the policy's exact log q_t(s_t); with a twist, ψ gives the intermediate targets p0 ψ_t while the policy still proposes.
+Ẑ is unbiased whenever q_t > 0 wherever σ has mass: always without an action space, and with one only when σ's
+support lies inside it (see :mod:`twistlm.policy_proposal` for min_len and the stop rules).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from twistlm.errors import ConfigError, TwistLMError
-from twistlm.memory import BASE_VOCAB_BUFFERS, PROPOSAL_VOCAB_BUFFERS, check_sampler_memory
+from twistlm.memory import BASE_VOCAB_BUFFERS, PROPOSAL_VOCAB_BUFFERS, check_sampler_memory, policy_bytes
+from twistlm.policy_proposal import PolicyProposal, policy_lm
 from twistlm.resampling import categorical, get_resampler, log_mean_exp, multinomial
 from twistlm.resampling import ess as compute_ess
 from twistlm.result import SMCResult
@@ -41,13 +51,18 @@ from twistlm.target import Target
 from twistlm.tools import ToolQueue
 from twistlm.twists.base import Twist, TwistContext
 
-PROPOSALS = ("base", "twisted", "tempered")
+PROPOSALS = ("base", "twisted", "tempered", "policy")
 """Proposals with exact importance weights (Ẑ unbiased for Z): what bounds, KL estimates and ``twistlm sample`` use."""
 DECODERS = ("greedy",)
 """Deterministic decoding through the same loop (``twistlm solve``); its weights are p0·φ of the path, not
 importance weights."""
 StepCallback = Callable[[int, int, dict], None]
-"""Called after every step as ``callback(t, T, info)``; ``info`` has ``ess`` (mean over groups) and ``finished``."""
+"""Called after every step as ``callback(t, T, info)``; ``info`` has ``ess`` (mean over groups) and ``finished``
+(share finished), and the step's live tensors in particle order before any resampling at t (references, not copies:
+copy what you keep, as :class:`twistlm.trace.SMCTrace` does): ``tokens`` (N,) the chosen tokens (EOS padding where
+inactive), ``active`` (N,) unfinished before t, ``forced`` (N,) tool-forced or None, ``log_psi`` (N,) log ψ_t of the
+chosen tokens or None without a twist, ``log_weights`` (B, K) W after step t, ``hidden`` (N, H) the LM's last hidden
+state h_t(s_<t) that chose them (what twist heads read; :mod:`twistlm.corpus` caches it). N = B·K, row b·K + k."""
 MAX_SEED = 2**64 - 1
 FLOAT32_SAFE_LOG = 1e4
 """Above this |log Z_t| the float32 normaliser of the twisted proposal loses precision: it is redone in float64."""
@@ -72,7 +87,14 @@ class _Reference:
 
 
 def _check_inputs(
-    target: Target, num_particles: int, proposal: str, twist: Twist | None, ess_threshold: float, temperature: float = 1.0
+    target: Target,
+    num_particles: int,
+    proposal: str,
+    twist: Twist | None,
+    ess_threshold: float,
+    temperature: float = 1.0,
+    policy: Any = None,
+    policy_space: Any = None,
 ):
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ConfigError(f"num_particles must be a positive integer, got {num_particles!r}")
@@ -80,6 +102,12 @@ def _check_inputs(
         raise ConfigError(f"unknown proposal {proposal!r}; choose from: {', '.join(PROPOSALS + DECODERS)}")
     if proposal == "twisted" and twist is None:
         raise ConfigError("the twisted proposal needs a twist (twist=...)")
+    if proposal == "policy" and policy is None:
+        raise ConfigError("the policy proposal needs a policy (policy=...)")
+    if policy is not None and proposal != "policy":
+        raise ConfigError(f"a policy needs proposal='policy' (got proposal={proposal!r})")
+    if policy_space is not None and policy is None:
+        raise ConfigError("policy_space restricts a policy proposal: give policy=... too")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
     if temperature != 1.0 and proposal != "tempered":
@@ -102,14 +130,20 @@ def run_smc(
     generator: torch.Generator | None = None,
     reference: Sequence[Sequence[int]] | None = None,
     callback: StepCallback | None = None,
+    policy: Any = None,
+    policy_space: Any = None,
 ) -> list[SMCResult]:
     """Run B = target.num_prompts independent groups of K particles; one :class:`SMCResult` per prompt.
 
     ``seed``: an integer in [0, 2^64 − 1] makes the run reproducible; ``None`` draws fresh entropy
     (``secrets.randbits(63)``), so two runs differ. Ignored when a ``generator`` is given.
+    ``policy`` (``proposal="policy"``): a :class:`~twistlm.lm.ParticleLM` over the target's vocabulary, or an object
+    with one as ``.lm`` (a GFlowNet ``LoRAPolicy`` on its own copy of the base model, a ``TabularPolicy``);
+    ``policy_space``: an optional :class:`~twistlm.gfn.sampling.ActionSpace` restricting it (module docstring).
     """
-    _check_inputs(target, num_particles, proposal, twist, ess_threshold, temperature)
-    _check_memory(target, num_particles, proposal)
+    _check_inputs(target, num_particles, proposal, twist, ess_threshold, temperature, policy, policy_space)
+    q_lm = policy_lm(policy, target.lm) if policy is not None else None
+    _check_memory(target, num_particles, proposal, q_lm)
     resample = get_resampler(resampler)
     lm, K, B, T = target.lm, num_particles, target.num_prompts, target.max_new_tokens
     if generator is None:
@@ -126,6 +160,7 @@ def run_smc(
     state = lm.prefill(target.prompt_ids, K)
     if twist is not None and hasattr(twist, "start"):  # plain nn.Module twists without the hooks are accepted too
         twist.start(target, K)
+    q_policy = PolicyProposal(q_lm, target.prompt_ids, K, policy_space) if q_lm is not None else None
     prompt_index = torch.arange(B).repeat_interleave(K)
     tokens = torch.full((N, T), pad, dtype=torch.long)
     finished = torch.zeros(N, dtype=torch.bool)
@@ -165,6 +200,9 @@ def run_smc(
             if torch.isneginf(log_zt[active_dev]).any():
                 raise TwistLMError(f"the twist gives ψ = 0 to every token at step {t}: the proposal is undefined")
             probs = logits_q.sub_(log_zt[:, None]).exp_()
+        elif proposal == "policy":  # q_t = the policy's next-token distribution (its own KV cache)
+            log_q_all = q_policy.log_q(active, t)
+            probs = log_q_all.to(logp0.device).exp()
         elif proposal == "greedy":
             probs = None
         else:
@@ -188,6 +226,8 @@ def run_smc(
         lp0 = logp0.gather(1, s[:, None].to(logp0.device)).squeeze(1).to(device="cpu", dtype=f64)
         sampled = active if forced is None else active & ~forced
         log_p0 += torch.where(sampled, lp0, torch.zeros_like(lp0))
+        if q_policy is not None:
+            q_policy.advance(s, sampled, forced)
         stop_now = active & is_stop[s]
         finishing = stop_now | (active if t == T else torch.zeros_like(active))
         if log_psi is not None:
@@ -208,6 +248,8 @@ def run_smc(
         elif proposal == "tempered":  # log p0(s_t) − log q_t(s_t), q_t exactly normalised
             log_q = (lp0 + lpsi) / temperature - log_zt.to(device="cpu", dtype=f64)
             inc = lp0 - log_q + cur - prev_log_psi
+        elif proposal == "policy":  # log p0(s_t) − log q_t(s_t), the policy's q_t exactly normalised
+            inc = lp0 - q_policy.sampled_log_q(log_q_all, s, sampled, t) + cur - prev_log_psi
         elif proposal == "greedy":  # q = point mass (log q = 0): not an importance weight
             inc = lp0 + cur - prev_log_psi
         else:
@@ -228,7 +270,9 @@ def run_smc(
         ess_trace.append(group_ess)
         done = bool(finished.all()) or t == T
         if callback is not None:
-            callback(t, T, {"ess": float(group_ess.mean()), "finished": float(finished.float().mean())})
+            callback(t, T, {"ess": float(group_ess.mean()), "finished": float(finished.float().mean()), "tokens": s,
+                            "active": active, "forced": forced, "log_psi": lpsi if log_psi is not None else None,
+                            "log_weights": log_w, "hidden": state.hidden})
         if done:
             break
         resample_groups = torch.ones(B, dtype=torch.bool) if every_step else group_ess < ess_threshold * K
@@ -258,6 +302,8 @@ def run_smc(
                 tools.reorder(index)
             if twist is not None and hasattr(twist, "reorder"):
                 twist.reorder(index)
+            if q_policy is not None:
+                q_policy.reorder(index)
         state = lm.step(state, s)
 
     log_z += log_mean_exp(log_w)
@@ -271,12 +317,13 @@ def check_seed(seed: int) -> int:
     return seed
 
 
-def _check_memory(target: Target, num_particles: int, proposal: str) -> None:
-    """Refuse a run whose (N, V) buffers and KV cache cannot fit (see :mod:`twistlm.memory`)."""
+def _check_memory(target: Target, num_particles: int, proposal: str, policy=None) -> None:
+    """Refuse a run whose (N, V) buffers and KV cache (the policy's too) cannot fit (see :mod:`twistlm.memory`)."""
     buffers = BASE_VOCAB_BUFFERS + (PROPOSAL_VOCAB_BUFFERS if proposal != "base" else 0)
     seq_len = max(len(ids) for ids in target.prompt_ids) + target.max_new_tokens
     rows = target.num_prompts * num_particles
-    check_sampler_memory(target.lm, rows, seq_len, target.max_new_tokens, buffers)
+    extra = policy_bytes(policy, rows, seq_len) if policy is not None else 0
+    check_sampler_memory(target.lm, rows, seq_len, target.max_new_tokens, buffers, extra_device_bytes=extra)
 
 
 def _twist_label(twist) -> str:
@@ -357,9 +404,10 @@ def _trim(row: list[int], stop_ids: Sequence[int], stopped: bool) -> list[int]:
 def smc(target: Target, num_particles: int = 64, **kwargs) -> SMCResult | list[SMCResult]:
     """SMC (default: base proposal p0, systematic resampling every step). One result, or a list for several prompts.
 
-    Keyword arguments: ``proposal`` ("base" | "twisted" | "tempered" | "greedy"), ``twist``, ``temperature`` τ
-    (tempered proposal only), ``resampler``, ``ess_threshold`` κ ∈ [0, 1],
-    ``seed`` or ``generator``, ``reference`` (conditional SMC), ``callback``; see :func:`run_smc`.
+    Keyword arguments: ``proposal`` ("base" | "twisted" | "tempered" | "policy" | "greedy"), ``twist``,
+    ``temperature`` τ (tempered proposal only), ``policy`` and ``policy_space`` (policy proposal only), ``resampler``,
+    ``ess_threshold`` κ ∈ [0, 1], ``seed`` or ``generator``, ``reference`` (conditional SMC), ``callback``; see
+    :func:`run_smc`.
     """
     results = run_smc(target, num_particles, **kwargs)
     return results[0] if target.num_prompts == 1 else results

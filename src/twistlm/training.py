@@ -40,7 +40,7 @@ from twistlm.positives import (
 )
 from twistlm.smc import run_smc
 from twistlm.target import Target
-from twistlm.trainloop import CURVE_NAME, LoopConfig, TrainLoop, list_checkpoints
+from twistlm.trainloop import CURVE_NAME, EXAMPLES_PER_SNAPSHOT, LoopConfig, TrainLoop, list_checkpoints
 from twistlm.twists.base import Twist
 from twistlm.twists.features import prefix_features, prefix_log_psi
 from twistlm.twists.io import load_twist_state, read_weights, save_twist
@@ -69,6 +69,17 @@ class TwistTrainingConfig(LoopConfig):
     rejection_particles: int | None = field(
         default=None, metadata={"help": "p0 draws per prompt for rejection positives (default: 4 × num_positives)."}
     )
+    corpus_size: int = field(
+        default=0,
+        metadata={"help": "p0 samples per prompt drawn once and reused by every update (off-policy training on a "
+                  "cached corpus, twistlm.corpus); 0: draw fresh samples every update."},
+    )
+    corpus_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the cached corpus (default: <output_dir>/corpus); shareable."}
+    )
+    eval_particles: int | None = field(
+        default=None, metadata={"help": "Particles of the twisted SIS run logged as log Ẑ (default: num_particles)."}
+    )
 
     resume_keys = LoopConfig.resume_keys + (
         "loss",
@@ -79,6 +90,7 @@ class TwistTrainingConfig(LoopConfig):
         "positive_ess_threshold",
         "rejection_particles",
         "buffer_size",
+        "corpus_size",
     )
 
     def __post_init__(self) -> None:
@@ -94,7 +106,9 @@ class TwistTrainingConfig(LoopConfig):
             raise ConfigError(f"num_particles must be ≥ 1, got {self.num_particles}")
         if self.buffer_size < 0:
             raise ConfigError(f"buffer_size must be ≥ 0, got {self.buffer_size}")
-        for name in ("num_positives", "rejection_particles"):
+        if self.corpus_size < 0:
+            raise ConfigError(f"corpus_size must be ≥ 0, got {self.corpus_size}")
+        for name in ("num_positives", "rejection_particles", "eval_particles"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {value}")
@@ -247,13 +261,18 @@ class TwistTrainer(TrainLoop):
             gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.global_step)
             results = run_smc(
                 self.target,
-                self.config.num_particles,
+                self.eval_particles,
                 proposal="twisted",
                 twist=self.twist,
                 ess_threshold=0.0,
                 generator=gen,
             )
-        return _metrics(results, self.config.num_particles)
+        self._eval_results = results
+        return _metrics(results, self.eval_particles if self.proposal != "twisted" else self.config.num_particles)
+
+    @property
+    def eval_particles(self) -> int:
+        return self.config.eval_particles or self.config.num_particles
 
     # -- what the loop saves -----------------------------------------------------------------------------------------
 
@@ -269,6 +288,15 @@ class TwistTrainer(TrainLoop):
     def load_extra_state(self, state: dict) -> None:
         if POSITIVES_KEY in state:
             self.positive_source.load_state_dict(state[POSITIVES_KEY])
+
+    def example_samples(self, results: list) -> list[dict]:
+        """The step's first few negatives of prompt 0 (draws from the training proposal): text, log φ, ŵ."""
+        results = results or getattr(self, "_eval_results", None)  # corpus training: the logged twisted-SIS run
+        if not results:
+            return []
+        first = results[0]
+        rows = zip(first.texts, first.log_phi.tolist(), first.normalized_weights.tolist())
+        return [{"text": t, "log_phi": lp, "weight": w} for t, lp, w in list(rows)[:EXAMPLES_PER_SNAPSHOT]]
 
     def output_info(self) -> dict:
         return {"proposal_used": self.proposal}

@@ -46,6 +46,7 @@ import torch
 
 from twistlm import rng_state
 from twistlm.errors import ConfigError, TwistLMError
+from twistlm.html.training_page import write_training_page
 from twistlm.training_curves import plot_training_curves
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -53,6 +54,11 @@ STATE_NAME = "trainer_state.json"
 CONFIG_NAME = "training_config.json"
 HISTORY_NAME = "log_history.json"
 CURVE_NAME = "training_curve.png"
+TRAINING_PAGE_NAME = "training.html"
+MAX_SAMPLE_SNAPSHOTS = 64
+"""Sample snapshots kept for training.html; when full, every other one is dropped (the newest always kept)."""
+EXAMPLES_PER_SNAPSHOT = 4
+"""Samples a trainer's :meth:`TrainLoop.example_samples` returns per logging step."""
 EXTRA_NAME = "extra_state.pt"
 RUN_INFO_KEYS = ("task", "task_options", "model_name", "max_new_tokens")
 """Run facts a resumed run must share with its checkpoint, besides the config's own ``resume_keys``."""
@@ -79,7 +85,7 @@ class LoopConfig:
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Start afresh in an output_dir that holds another run."})
-    plot: bool = field(default=True, metadata={"help": "Write training_curve.png at the end."})
+    plot: bool = field(default=True, metadata={"help": "Write training_curve.png and training.html at the end."})
 
     resume_keys = ("seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm")
     """Settings a resumed run must share with its checkpoint (others, e.g. logging or max_steps, may change)."""
@@ -167,6 +173,7 @@ class TrainLoop:
         )
         self.control = TrainerControl()
         self._window: list[float] = []
+        self.sample_history: list[dict] = []
         self.output_dir = Path(config.output_dir)
 
     # -- what a trainer supplies -------------------------------------------------------------------------------------
@@ -176,6 +183,15 @@ class TrainLoop:
 
     def eval_metrics(self, info: Any) -> dict[str, float]:
         return {}
+
+    def example_samples(self, info: Any) -> list[dict] | None:
+        """A few samples of the step (``[{"text": str, name: number, ...}]``) recorded at every logging step for
+        training.html; default: none. Must not draw random numbers (it would change the training trajectory)."""
+        return None
+
+    def prepare(self) -> None:
+        """Work before the first update, once the output folder is claimed or the checkpoint restored (e.g. drawing
+        a cached corpus into it). Default: nothing."""
 
     def save_model(self, directory: Path) -> None:
         raise NotImplementedError
@@ -249,6 +265,7 @@ class TrainLoop:
             self._resume()
         else:
             self._claim_output_dir()
+        self.prepare()
         self._event("on_train_begin")
         start = time.perf_counter()
         try:
@@ -262,6 +279,7 @@ class TrainLoop:
                 step = self.state.global_step
                 if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                     self.log(self.eval_metrics(info))
+                    self._record_samples(info)
                 if cfg.save_steps and step % cfg.save_steps == 0:
                     self.save_checkpoint()
         except KeyboardInterrupt:
@@ -288,6 +306,17 @@ class TrainLoop:
         self._window = []
         self.state.log_history.append(logs)
         self._event("on_log", logs=logs)
+
+    def _record_samples(self, info: Any) -> None:
+        """Keep this logging step's :meth:`example_samples` (main process; at most MAX_SAMPLE_SNAPSHOTS)."""
+        if not self.accelerator.is_main_process:
+            return
+        samples = self.example_samples(info)
+        if not samples:
+            return
+        self.sample_history.append({"step": self.state.global_step, "samples": list(samples)})
+        if len(self.sample_history) > MAX_SAMPLE_SNAPSHOTS:
+            self.sample_history = self.sample_history[:-1][::2] + self.sample_history[-1:]
 
     # -- output folder -----------------------------------------------------------------------------------------------
 
@@ -351,6 +380,7 @@ class TrainLoop:
             "global_step": step,
             "log_history": self.state.log_history,
             "loss_window": self._window,
+            "sample_history": self.sample_history,
             "config": self.config.to_dict(),
             "run_info": {k: self.run_info.get(k) for k in RUN_INFO_KEYS if k in self.run_info},
             "num_processes": self.accelerator.num_processes,
@@ -425,6 +455,7 @@ class TrainLoop:
             self.state.global_step = int(saved["global_step"])
             self.state.log_history = list(saved["log_history"])
             self._window = list(saved.get("loss_window", []))
+            self.sample_history = list(saved.get("sample_history", []))
             return
         if skipped:
             raise ConfigError(f"cannot resume from {self.output_dir}: no checkpoint is intact ({'; '.join(skipped)})")
@@ -438,7 +469,8 @@ class TrainLoop:
     # -- final outputs -----------------------------------------------------------------------------------------------
 
     def save_outputs(self) -> None:
-        """The final model, the run's configuration, the log history and (``plot``) the training curves."""
+        """The final model, the run's configuration, the log history and (``plot``) the training curves: the PNG and
+        the self-contained training.html (:mod:`twistlm.html.training_page`, with the sample snapshots)."""
         if not self.accelerator.is_main_process:
             return
         out = self.output_dir
@@ -449,6 +481,8 @@ class TrainLoop:
         _write_json(out / HISTORY_NAME, self.state.log_history)
         if self.config.plot:
             plot_training_curves(self.state.log_history, out / CURVE_NAME, self.curve_panels)
+            write_training_page(out / TRAINING_PAGE_NAME, self.state.log_history, self.curve_panels,
+                                self.sample_history, config)
 
     def output_info(self) -> dict:
         """Extra fields of ``training_config.json`` (e.g. the proposal actually used)."""

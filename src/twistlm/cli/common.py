@@ -1,4 +1,5 @@
-"""Helpers shared by CLI commands: quiet model loading, twist loading, ``key=value`` options, atomic JSON output.
+"""Helpers shared by CLI commands: quiet model loading, twist and policy loading, ``key=value`` options, atomic JSON
+output.
 
 Checks named ``check_*`` are cheap (no torch work, no model) so commands can reject bad input before spending seconds
 loading a model.
@@ -100,6 +101,61 @@ def load_twist(path: str | os.PathLike, lm: ParticleLM) -> Twist:
     path = Path(path).expanduser()
     check_twist(path)
     return io.load_twist(path, lm).eval()
+
+
+# -------------------------------------------------------------------------------------------------------- policies
+
+POLICY_PROBLEM_OPTIONS = frozenset({"data", "index", "prompt", "split"})
+"""Task options that only pick the problem or prompt: a policy (amortised over prompts) may run on another one than it
+was trained on. Any other task option the policy recorded defines the target it was trained for."""
+
+
+def check_policies(
+    paths: list[Path], task: str | None, options: dict[str, Any], model: str | None
+) -> tuple[dict[str, Any], int | None]:
+    """Cheap checks of GFlowNet policy folders (no model, no weights): their files (a missing one is named), a Hugging
+    Face ``model`` (not the toy), that they were trained for ``task`` and with task options that ``options`` (and each
+    other) do not contradict. Returns the task options with the policies' own filled in, and the horizon T the
+    policies record (None if none). Without a task the policies' task options are not used."""
+    from twistlm.gfn.policy import read_policy_info
+
+    if paths and model == TOY_MODEL:
+        raise ConfigError("--policy needs a Hugging Face model: a GFlowNet policy is a LoRA adapter (train-gfn on the "
+                          "toy model saves a tabular policy, which the CLI cannot load)")
+    merged, source = dict(options), {key: f"-o {key}" for key in options}
+    horizons: dict[int, Path] = {}
+    for path in paths:
+        info = read_policy_info(path.expanduser())
+        trained = info.get("task")
+        if task is not None and trained not in (None, task):
+            raise ConfigError(f"policy {path} was trained for task {trained!r}, not {task!r}")
+        if task is None:
+            continue
+        for key, value in (info.get("task_options") or {}).items():
+            if key not in merged:
+                merged[key], source[key] = value, f"policy {path}"
+            elif merged[key] != value and key not in POLICY_PROBLEM_OPTIONS:
+                raise ConfigError(f"policy {path} was trained with task option {key}={value!r}, but {source[key]} "
+                                  f"sets {key}={merged[key]!r}")
+        if info.get("max_new_tokens") is not None:
+            horizons.setdefault(int(info["max_new_tokens"]), path)
+    if len(horizons) > 1:
+        listed = ", ".join(f"T={t} ({p})" for t, p in horizons.items())
+        raise ConfigError(f"the --policy folders were trained with different horizons ({listed}): "
+                          "give --max-new-tokens")
+    return merged, next(iter(horizons), None)
+
+
+def load_policy_lm(path: Path, model: str | None, base: ParticleLM, task: str | None) -> ParticleLM:
+    """The GFlowNet LoRA policy in ``path`` as a proposal next to ``base`` (p0): checked against ``base`` (model,
+    vocabulary, tokenizer, task) before any weights are read, then loaded on a private copy of the base model — the
+    adapter is injected into the model it is loaded on, so the cached ``base`` keeps computing p0."""
+    from twistlm.gfn.policy import check_policy_fits, load_policy
+
+    path = path.expanduser()
+    check_policy_fits(base, path, task=task)
+    quiet_transformers()
+    return load_policy(load_lm(model), path, task=task)
 
 
 # -------------------------------------------------------------------------------------------------------- options

@@ -1,10 +1,12 @@
-"""``twistlm evaluate``: bounds on log Z and KL estimates for the base proposal and trained twists on a task.
+"""``twistlm evaluate``: bounds on log Z and KL estimates for the base proposal, trained twists and GFlowNet policies
+on a task.
 
-Flow: cheap checks (particle list, registry names, twist folders, output folder) → load the model → build the task's
-target → exact samples (rejection / BDMC / none) → lower and upper bounds for every (proposal, K) with a progress bar
-→ KL estimates from the K = 1 runs → results.json, bounds.png, kl.png, report.md in ``--out`` (see
-:mod:`twistlm.report`). ``--model toy`` loads ``twistlm.ToyLM(vocab_size=5, seed=1)``: a testing aid, so the whole
-pipeline runs in seconds (with small T its targets are enumerated and the exact log Z is reported).
+Flow: cheap checks (particle list, registry names, twist and policy folders, output folder) → load the model (and each
+``--policy`` on its own copy of it) → build the task's target → exact samples (rejection / BDMC / none) → lower and
+upper bounds for every (proposal, K) with a progress bar → KL estimates from the K = 1 runs → results.json,
+bounds.png, kl.png, report.md, report.html in ``--out`` (see :mod:`twistlm.report`). ``--model toy`` loads
+``twistlm.ToyLM(vocab_size=5, seed=1)``: a testing aid, so the whole pipeline runs in seconds (with small T its targets
+are enumerated and the exact log Z is reported).
 """
 
 from __future__ import annotations
@@ -17,23 +19,30 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from twistlm.bounds import Proposal
 from twistlm.cli.app import app, console, err_console
 from twistlm.cli.common import (
     TOY_MODEL,
     check_model,
+    check_policies,
     check_task_options,
     check_twist,
     load_model,
+    load_policy_lm,
     load_twist,
     parse_options,
 )
 from twistlm.errors import ConfigError, TwistLMError
+from twistlm.lm import ParticleLM
 from twistlm.report import EXACT_METHODS, write_report
 from twistlm.report import evaluate as run_evaluation
 from twistlm.resampling import RESAMPLERS
 from twistlm.tasks.registry import get_task
+from twistlm.twists.base import Twist
 
 DEFAULT_PARTICLES = "1,4,16,64,256"
+SMC_ROW = "+ SMC"
+"""Suffix of the rows that run a policy inside SMC (the plain policy row is importance sampling)."""
 
 
 def _parse_particles(text: str) -> list[int]:
@@ -46,15 +55,29 @@ def _parse_particles(text: str) -> list[int]:
     return counts
 
 
-def _twist_names(paths: list[Path]) -> list[str]:
+def _twist_names(paths: list[Path], prefix: str = "twist") -> list[str]:
     names: list[str] = []
     for p in paths:
-        base = f"twist:{p.name or p.resolve().name}"
+        base = f"{prefix}:{p.name or p.resolve().name}"
         name, i = base, 2
         while name in names or name == "base":
             name, i = f"{base}#{i}", i + 1
         names.append(name)
     return names
+
+
+def _policy_proposals(policies: dict[str, ParticleLM], twists: dict[str, Twist], sampler: str) -> dict[str, Proposal]:
+    """The rows of each --policy q_θ: ``NAME`` is importance sampling with q_θ alone (κ = 0 whatever --sampler);
+    with --sampler smc also ``NAME + SMC`` (SMC with q_θ as the proposal, resampling like the other rows) and
+    ``NAME + TWIST + SMC`` per --twist (the twist's intermediate targets p0 ψ_t, q_θ still proposing)."""
+    rows: dict[str, Proposal] = {}
+    for name, q in policies.items():
+        rows[name] = Proposal("policy", policy=q, sis=True)
+        if sampler == "smc":
+            rows[f"{name} {SMC_ROW}"] = Proposal("policy", policy=q)
+            for twist_name, twist in twists.items():
+                rows[f"{name} + {twist_name} {SMC_ROW}"] = Proposal("policy", twist=twist, policy=q)
+    return rows
 
 
 def _summary(report) -> Table:
@@ -77,13 +100,23 @@ def _summary(report) -> Table:
 @app.command()
 def evaluate(
     task: Annotated[str, typer.Option("--task", help="A registered task (see `twistlm tasks`).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for results.json, bounds.png, kl.png, report.md.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for results.json, bounds.png, kl.png, report.md, report.html.")
+    ],
     task_option: Annotated[
         list[str] | None, typer.Option("--task-option", "-o", help="Task option key=value (repeatable).")
     ] = None,
     twist: Annotated[
         list[Path] | None,
         typer.Option("--twist", help="Directory of a trained twist; each adds a twisted proposal (repeatable)."),
+    ] = None,
+    policy: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--policy",
+            help="A GFlowNet policy folder (train-gfn output; repeatable): rows 'policy:NAME' (importance sampling "
+            "with it), and with --sampler smc 'policy:NAME + SMC' and 'policy:NAME + twist:T + SMC' per --twist.",
+        ),
     ] = None,
     particles: Annotated[
         str, typer.Option("--particles", "-K", help="Particle counts K, comma-separated.")
@@ -114,7 +147,7 @@ def evaluate(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")] = False,
 ) -> None:
-    """Lower/upper bounds on log Z and KL(q‖σ), KL(σ‖q) for the base proposal and each --twist."""
+    """Lower/upper bounds on log Z and KL(q‖σ), KL(σ‖q) for the base proposal, each --twist and each --policy."""
     # Cheap checks first: nothing here loads a model.
     counts = _parse_particles(particles)
     options = parse_options(task_option)
@@ -136,6 +169,9 @@ def evaluate(
     for path in twists:
         check_twist(path)
     task_obj = get_task(task)
+    policies = list(policy or [])
+    options, horizon = check_policies(policies, task, options, model)  # the policies' task options filled in
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else horizon
     check_task_options(task_obj, options)
     if model != TOY_MODEL:
         check_model(model)
@@ -158,6 +194,11 @@ def evaluate(
         "twists": {name: str(p) for name, p in zip(list(proposals)[1:], twists)},
         "seed": seed,
     }
+    if policies:  # each on its own copy of the base model (the adapter is injected into the model it is loaded on)
+        loaded = {n: load_policy_lm(p, model, lm, task) for n, p in zip(_twist_names(policies, "policy"), policies)}
+        twisted = {name: spec[1] for name, spec in proposals.items() if name != "base"}
+        proposals.update(_policy_proposals(loaded, twisted, sampler))
+        meta["policies"] = {name: str(p) for name, p in zip(loaded, policies)}
     kwargs = {
         "exact": exact, "ending_tokens": ending_tokens, "sampler": sampler, "resampler": resampler,
         "ess_threshold": ess_threshold, "seed": seed, "max_proposals": max_proposals,

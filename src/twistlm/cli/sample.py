@@ -22,10 +22,12 @@ from twistlm.cli.app import app, console, err_console
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     check_model,
+    check_policies,
     check_task_options,
     check_twist,
     check_writable,
     load_model,
+    load_policy_lm,
     load_twist,
     parse_options,
     write_json,
@@ -38,6 +40,7 @@ from twistlm.result import SMCResult
 from twistlm.smc import MAX_SEED, PROPOSALS, run_smc
 from twistlm.target import Target
 from twistlm.tasks.registry import Task, get_task
+from twistlm.trace import SMCTrace
 from twistlm.twists.base import Twist
 
 DEFAULT_PARTICLES = 16
@@ -65,6 +68,7 @@ class Settings:
     max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS
     proposal: str = "base"
     twist: str | None = None
+    policy: str | None = None
     resampler: str = "systematic"
     ess_threshold: float = 1.0
     seed: int = 0
@@ -110,12 +114,16 @@ def _check_numbers(
         raise ConfigError(f"--top must be at least 1, got {top}")
 
 
-def _check_sampler(proposal: str, twist: Path | None, resampler: str) -> None:
+def _check_sampler(proposal: str, twist: Path | None, resampler: str, policy: Path | None = None) -> None:
     if proposal not in PROPOSALS:
         raise ConfigError(f"unknown proposal {proposal!r}; choose from: {', '.join(PROPOSALS)}")
     get_resampler(resampler)
     if proposal == "twisted" and twist is None:
         raise ConfigError("--proposal twisted needs a trained twist: --twist DIR")
+    if proposal == "policy" and policy is None:
+        raise ConfigError("--proposal policy needs a trained GFlowNet policy: --policy DIR")
+    if policy is not None and proposal != "policy":
+        raise ConfigError(f"--policy DIR is a proposal: add --proposal policy (got --proposal {proposal})")
     if twist is not None:
         check_twist(twist.expanduser())
 
@@ -171,7 +179,8 @@ def _ranges(steps: list[int]) -> str:
 
 def _print_header(s: Settings, model_label: str, prompt_text: str, potential_label: str) -> None:
     algorithm = "SIS" if s.ess_threshold == 0 else f"SMC ({s.resampler} resampling, κ={s.ess_threshold:g})"
-    proposal = f"{s.proposal} proposal" + (f", twist {s.twist}" if s.twist else "")
+    proposal = f"{s.proposal} proposal" + (f", policy {s.policy}" if s.policy else "")
+    proposal += f", twist {s.twist}" if s.twist else ""
     lines = [("model", model_label)]
     if s.task:
         opts = " ".join(f"{k}={v}" for k, v in s.task_options.items())
@@ -259,16 +268,20 @@ def _print_fields(fields: list[tuple[str, str | Text]]) -> None:
 # ------------------------------------------------------------------------------------------------------- sampling
 
 
-def _sample_with_progress(target: Target, settings: Settings, twist: Twist | None, quiet: bool) -> list[SMCResult]:
+def _sample_with_progress(
+    target: Target, settings: Settings, twist: Twist | None, quiet: bool, trace: SMCTrace | None = None,
+    policy: ParticleLM | None = None,
+) -> list[SMCResult]:
     kwargs = {
         "proposal": settings.proposal,
         "twist": twist,
+        "policy": policy,
         "resampler": settings.resampler,
         "ess_threshold": settings.ess_threshold,
         "seed": settings.seed,
     }
     if quiet:
-        return run_smc(target, settings.particles, **kwargs)
+        return run_smc(target, settings.particles, callback=trace, **kwargs)
     K = settings.particles
     columns = (
         TextColumn("[bold]sampling"),
@@ -283,6 +296,8 @@ def _sample_with_progress(target: Target, settings: Settings, twist: Twist | Non
 
         def callback(t: int, T: int, info: dict) -> None:
             progress.update(bar, completed=t, ess=info["ess"], finished=info["finished"])
+            if trace is not None:
+                trace(t, T, info)
 
         return run_smc(target, K, callback=callback, **kwargs)
 
@@ -321,14 +336,27 @@ def sample(
         int | None,
         typer.Option("--max-new-tokens", "-T", help=f"Horizon T (default: {DEFAULT_MAX_NEW_TOKENS}, or the task's)."),
     ] = None,
-    proposal: Annotated[str, typer.Option("--proposal", help="base (p0) or twisted (p0·ψ, needs --twist).")] = "base",
+    proposal: Annotated[
+        str,
+        typer.Option(
+            "--proposal",
+            help="base (p0), twisted (p0·ψ, needs --twist) or policy (a GFlowNet policy q_θ, needs --policy; with "
+            "--twist, ψ sets the intermediate targets).",
+        ),
+    ] = "base",
     twist: Annotated[Path | None, typer.Option("--twist", help="Directory of a trained twist.")] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="A GFlowNet LoRA policy folder (train-gfn output) as the proposal.")
+    ] = None,
     resampler: Annotated[str, typer.Option("--resampler", help=" | ".join(RESAMPLERS))] = "systematic",
     ess_threshold: Annotated[
         float, typer.Option("--ess-threshold", help="κ: resample when ESS < κ·K (1 = every step, 0 = never).")
     ] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    html_path: Annotated[
+        Path | None, typer.Option("--html", help="Write a self-contained HTML view of the run here (works offline).")
+    ] = None,
     top: Annotated[int, typer.Option("--top", help="How many distinct samples to show.")] = DEFAULT_TOP,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, header or ESS trace.")] = False,
 ) -> None:
@@ -336,13 +364,20 @@ def sample(
     # Cheap checks first: nothing here loads a model.
     options = parse_options(task_option)
     _check_numbers(particles, max_new_tokens, ess_threshold, top, seed)
-    _check_sampler(proposal, twist, resampler)
+    _check_sampler(proposal, twist, resampler, policy)
+    if policy is not None:  # its files, its task, and the task options it was trained with (filled in)
+        if task is not None:
+            get_task(task)
+        options, horizon = check_policies([policy], task, options, model)
+        max_new_tokens = max_new_tokens if max_new_tokens is not None else horizon
     task_obj, prompt_value, potential_obj = _resolve_inputs(task, options, prompt, prompt_file, chat, potential)
     if task_obj is None and max_new_tokens is None:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     check_model(model)
     if json_path is not None:
         check_writable(json_path)
+    if html_path is not None:
+        check_writable(html_path)
     settings = Settings(
         model=model or EMBEDDED_LABEL,
         prompt=prompt_value,
@@ -353,11 +388,12 @@ def sample(
         max_new_tokens=max_new_tokens,
         proposal=proposal,
         twist=str(twist) if twist is not None else None,
+        policy=str(policy) if policy is not None else None,
         resampler=resampler,
         ess_threshold=ess_threshold,
         seed=seed,
     )
-    _run(settings, model, task_obj, potential_obj, json_path, top, quiet)
+    _run(settings, model, task_obj, potential_obj, json_path, top, quiet, html_path)
 
 
 def _resolve_inputs(
@@ -391,14 +427,17 @@ def _run(
     json_path: Path | None,
     top: int,
     quiet: bool,
+    html_path: Path | None = None,
 ) -> None:
-    """Load the model, build the target, sample, print, and write the JSON output."""
+    """Load the model, build the target, sample, print, and write the JSON (and HTML) output."""
     start = time.perf_counter()
     if quiet:
         lm = load_model(model)
     else:
         with err_console.status(f"loading model {settings.model} …"):
             lm = load_model(model)
+    task_name = task.name if task is not None else None
+    policy = load_policy_lm(Path(settings.policy), model, lm, task_name) if settings.policy is not None else None
     loaded = time.perf_counter()
     target = _build_target(lm, settings, task, potential)
     settings.max_new_tokens = target.max_new_tokens
@@ -412,7 +451,8 @@ def _run(
         potential_label = getattr(target.potential, "name", "task potential")
         _print_header(settings, model_label, prompt_label, potential_label)
 
-    results = _sample_with_progress(target, settings, twist, quiet)
+    trace = SMCTrace(lm) if html_path is not None else None
+    results = _sample_with_progress(target, settings, twist, quiet, trace, policy)
     done = time.perf_counter()
 
     for b, result in enumerate(results):
@@ -425,6 +465,19 @@ def _run(
         _write_output(json_path, settings, lm, target, results)
         if not quiet:
             console.print(f"wrote {json_path}", style="dim", highlight=False)
+    if html_path is not None:
+        _write_html(html_path, settings, lm, target, results, trace)
+        if not quiet:
+            console.print(f"wrote {html_path}", style="dim", highlight=False)
+
+
+def _write_html(path: Path, settings: Settings, lm: ParticleLM, target: Target, results: list[SMCResult],
+                trace: SMCTrace) -> None:
+    """The run page (:mod:`twistlm.html.run_page`): every prompt's particles, ancestry and steps, with the settings."""
+    from twistlm.html.run_page import write_run_page
+
+    shown = {**asdict(settings), "model_name": lm.name, "potential": getattr(target.potential, "name", None)}
+    write_run_page(path, results, trace, shown, title=f"twistlm sample · {lm.name}")
 
 
 def _write_output(path: Path, settings: Settings, lm: ParticleLM, target: Target, results: list[SMCResult]) -> None:

@@ -30,7 +30,8 @@ from twistlm.cli.common import (
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.losses import LOSSES, get_loss
 from twistlm.tasks.registry import get_task
-from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainer, TwistTrainingConfig
+from twistlm.corpus_training import make_twist_trainer
+from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainingConfig
 from twistlm.twists import io as twist_io
 
 TWIST_KINDS_HELP = "linear | mlp | embedding | tabular (toy) | conditional | lora"
@@ -59,6 +60,17 @@ FLAG_FIELDS = (
 def training_options(options: dict) -> dict:
     """``--train-option`` values checked against :class:`TwistTrainingConfig` and converted to the field's type."""
     return config_options(TwistTrainingConfig, options, FLAG_FIELDS)
+
+
+CORPUS_REPORTS = 4
+"""How many progress lines a corpus build prints (at each quarter)."""
+
+
+def corpus_progress(done: int, total: int) -> None:
+    """One line per quarter of a corpus build (it runs before the training bar starts)."""
+    quarter = max(1, total // CORPUS_REPORTS)
+    if done == total or done // quarter != (done - 1) // quarter:
+        err_console.print(f"drawing the p0 corpus: {done}/{total} samples per prompt", highlight=False)
 
 
 @app.command("train-twist")
@@ -155,7 +167,12 @@ def train_twist(
     }
 
     trainer, state = run_training(
-        lambda callbacks: TwistTrainer(twist, target, config, callbacks=callbacks, run_info=run_info), steps, PROGRESS_KEYS, quiet
+        lambda callbacks: make_twist_trainer(
+            twist, target, config, callbacks=callbacks, run_info=run_info, progress=None if quiet else corpus_progress
+        ),
+        steps,
+        PROGRESS_KEYS,
+        quiet,
     )
     if not quiet and trainer.accelerator.is_main_process:  # one summary, not one per process
         last = state.log_history[-1] if state.log_history else {}

@@ -7,12 +7,16 @@ the frozen base p0 the rewards are computed with. The policy is exposed as an :c
 
 On disk a policy is a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
 ``peft.PeftModel.from_pretrained(base, DIR)``) plus :data:`POLICY_INFO_NAME`, a small JSON naming the base model, its
-vocabulary size and the task, so a policy is never silently applied to another model.
+vocabulary size, a fingerprint of its tokenizer and the task, so a policy is never silently applied to another model.
+
+As a proposal for SMC next to p0 (``run_smc(..., proposal="policy", policy=...)``), load the policy on its own copy
+of the base model: the adapter is injected into the model it is loaded on, which then computes q_θ, not p0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -29,6 +33,8 @@ POLICY_INFO_NAME = "gfn_policy.json"
 ACTION_SPACE_NAME = "action_space.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FINGERPRINT_CHARS = 16
+"""Hex digits kept of the tokenizer's SHA-256 fingerprint (64 bits: a collision by chance is not a concern)."""
 
 
 @dataclass
@@ -103,7 +109,8 @@ def save_policy(policy: HFLM, directory: str | os.PathLike, *, task: str | None 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     peft_model_of(policy).save_pretrained(str(directory))
-    info = {"base_model": policy.name, "vocab_size": policy.vocab_size, "task": task, **(extra or {})}
+    info = {"base_model": policy.name, "vocab_size": policy.vocab_size, "tokenizer": tokenizer_fingerprint(policy),
+            "task": task, **(extra or {})}
     if space is not None:
         save_file({"allowed": space.allowed.to(torch.uint8).contiguous()}, str(directory / ACTION_SPACE_NAME))
         info["action_space"] = {"stop_ids": list(space.stop_ids), "min_len": space.min_len,
@@ -112,6 +119,15 @@ def save_policy(policy: HFLM, directory: str | os.PathLike, *, task: str | None 
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, directory / POLICY_INFO_NAME)
     return directory
+
+
+def tokenizer_fingerprint(lm: Any) -> str | None:
+    """A short SHA-256 of the tokenizer's vocabulary (token → id), or None for an LM without a HF tokenizer."""
+    tokenizer = getattr(lm, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return None
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
 def read_policy_info(directory: str | os.PathLike) -> dict:
@@ -192,23 +208,37 @@ def load_action_space(directory: str | os.PathLike) -> Any:
                        bool(spec["stop_after_tool"]))
 
 
-def load_policy(lm: HFLM, directory: str | os.PathLike, *, task: str | None = None) -> HFLM:
-    """The policy saved in ``directory`` on top of ``lm`` (which must be the base it was trained on).
-
-    A policy trained for another base model, vocabulary or (when ``task`` is given) task is refused with a
-    :class:`~twistlm.errors.ConfigError` naming both.
-    """
-    from peft import PeftModel
-
-    lm = _require_hf(lm)
+def check_policy_fits(lm: Any, directory: str | os.PathLike, *, task: str | None = None) -> dict:
+    """The policy's info, after checking that it was trained on ``lm`` (name, vocabulary size, tokenizer when
+    recorded) and, when ``task`` is given, for that task; a :class:`~twistlm.errors.ConfigError` naming both otherwise.
+    Reads no weights."""
     info = read_policy_info(directory)
     if info.get("base_model") != lm.name or int(info.get("vocab_size", -1)) != lm.vocab_size:
         raise ConfigError(
             f"policy {directory} was trained on base model {info.get('base_model')!r} "
             f"(vocabulary {info.get('vocab_size')}), not on {lm.name!r} (vocabulary {lm.vocab_size})"
         )
+    recorded, ours = info.get("tokenizer"), tokenizer_fingerprint(lm)
+    if recorded is not None and ours is not None and recorded != ours:
+        raise ConfigError(
+            f"policy {directory} was trained with another tokenizer (fingerprint {recorded}, this model's {ours})"
+        )
     if task is not None and info.get("task") not in (None, task):
         raise ConfigError(f"policy {directory} was trained for task {info.get('task')!r}, not {task!r}")
+    return info
+
+
+def load_policy(lm: HFLM, directory: str | os.PathLike, *, task: str | None = None) -> HFLM:
+    """The policy saved in ``directory`` on top of ``lm`` (which must be the base it was trained on).
+
+    A policy trained for another base model, vocabulary, tokenizer or (when ``task`` is given) task is refused with
+    a :class:`~twistlm.errors.ConfigError` naming both (:func:`check_policy_fits`). The adapter is injected into
+    ``lm``'s model in place: ``lm`` computes q_θ too from now on (see the module docstring).
+    """
+    from peft import PeftModel
+
+    lm = _require_hf(lm)
+    check_policy_fits(lm, directory, task=task)
     try:
         peft_model = PeftModel.from_pretrained(lm.model, str(directory), is_trainable=False)
     except Exception as exc:  # a corrupted adapter file surfaces as many different exception types  # noqa: BLE001

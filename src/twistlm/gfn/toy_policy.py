@@ -52,7 +52,8 @@ class _PolicyLM(ParticleLM):
 
     def _wrap(self, state: LMState, keys: list[tuple]) -> LMState:
         if self.owner.enabled:
-            offsets = torch.stack([self.owner.offset(k) for k in keys]).detach()
+            # In the LM's dtype: float64 on the toy LM, so a policy set to σ's conditionals is exact to float64.
+            offsets = torch.stack([self.owner.offset(k) for k in keys]).detach().to(state.logprobs.dtype)
             logprobs = torch.log_softmax(state.logprobs + offsets, dim=-1)
         else:
             logprobs = state.logprobs
@@ -92,7 +93,7 @@ class TabularPolicy(torch.nn.Module):
         return self.index[key]
 
     def offset(self, key: tuple) -> torch.Tensor:
-        return self.table[self.row(key)].float()
+        return self.table[self.row(key)]
 
     @contextlib.contextmanager
     def base(self):

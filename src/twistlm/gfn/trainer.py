@@ -37,7 +37,7 @@ from twistlm.gfn.sampling import ActionSpace, sample_trajectories
 from twistlm.gfn.trajectories import StateBatch, Trajectories, state_index
 from twistlm.resampling import log_mean_exp
 from twistlm.target import Target
-from twistlm.trainloop import TrainLoop
+from twistlm.trainloop import EXAMPLES_PER_SNAPSHOT, TrainLoop
 
 BUFFER_KEY = "buffer"
 LOG_Z_KEY = "log_z"
@@ -271,6 +271,13 @@ class GFNTrainer(TrainLoop):
         else:
             out["log_z"] = math.nan
         return out
+
+    def example_samples(self, info: dict) -> list[dict]:
+        """The step's first few trajectories (tool tokens included): text, untempered log R, where it came from."""
+        trajs, final = info["trajs"], info["final"].tolist()
+        decode = self.problem.target.lm.decode
+        return [{"text": decode(trajs.tokens[i]), "log_reward": final[i], "source": trajs.source[i]}
+                for i in range(min(EXAMPLES_PER_SNAPSHOT, len(trajs)))]
 
     # -- what the loop saves -----------------------------------------------------------------------------------------
 

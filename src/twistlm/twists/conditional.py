@@ -176,13 +176,21 @@ class ConditionalTwist(Twist):
             return self.embed(cond)
         return self.project(self.embed(cond).flatten(1))
 
-    def _head(self, hidden: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+    def _features(self, hidden: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
         weight = self.out.weight
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         c = self._condition_embedding(prompt_index).to(weight.dtype)
         if hidden.dim() == 3:
             c = c.unsqueeze(1).expand(-1, hidden.shape[1], -1)
-        return apply_output(self.out(self.net(torch.cat([hidden, c], dim=-1))), self.output)
+        return self.net(torch.cat([hidden, c], dim=-1))
+
+    def _head(self, hidden: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        return apply_output(self.out(self._features(hidden, prompt_index)), self.output)
+
+    def log_psi_tokens(self, hidden: torch.Tensor, tokens: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        """log ψ_t(s_<t, s_t) at the stored tokens only: (N, T, H), (N, T), (N,) → (N, T), with grad."""
+        feats = self._features(hidden, prompt_index)
+        return apply_output(self.out.at(feats, tokens.to(feats.device)), self.output)
 
     def log_psi(self, ctx: TwistContext) -> torch.Tensor:
         return self._head(ctx.hidden, ctx.prompt_index).to(ctx.hidden.device)

@@ -193,3 +193,22 @@ def prefix_log_psi(twist: Twist, feats: PrefixFeatures) -> torch.Tensor:
         for t in range(1, T + 1)
     ]
     return torch.stack(out, dim=1)
+
+
+def log_psi_at_tokens(
+    twist: Twist, hidden: torch.Tensor, tokens: torch.Tensor, prompt_index: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """(N, T) log ψ_t(s_<t, s_t) at the stored tokens only, with grad — what off-policy losses need.
+
+    hidden (N, T, H) = h_t(s_<t), tokens (N, T), prompt_index (N,), lengths (N,). Heads that can score one token per
+    row (``log_psi_tokens``) never build the (N, T, V) output; any other twist is evaluated over the vocabulary by
+    :func:`prefix_log_psi` and gathered.
+    """
+    fn = getattr(twist, "log_psi_tokens", None)
+    if callable(fn):
+        return fn(hidden, tokens, prompt_index)
+    N, T = tokens.shape
+    mask = torch.arange(1, T + 1).unsqueeze(0) <= lengths.cpu().unsqueeze(1)
+    feats = PrefixFeatures(hidden, hidden.new_empty(N, T, 0), mask, tokens, lengths, prompt_index, [], -1)
+    full = prefix_log_psi(twist, feats)
+    return full.gather(-1, tokens.to(full.device).unsqueeze(-1)).squeeze(-1)

@@ -51,6 +51,12 @@ class VocabHead(nn.Module):
         # In place: Linear's backward does not need its output, and this saves one (rows, V) buffer per call.
         return raw.add_(self.level(x)) if self.level is not None else raw
 
+    def at(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """raw(x)_v at one token per row: ``x`` (..., F), ``tokens`` (...) → (...). Equals ``forward(x)`` gathered at
+        ``tokens`` without the (..., V) output — what off-policy losses on stored samples need."""
+        raw = (self.token.weight[tokens] * x).sum(-1) + self.token.bias[tokens]
+        return raw + self.level(x).squeeze(-1) if self.level is not None else raw
+
     def reset(self, init_scale: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Biases and the level zero; token weights zero (ψ constant over tokens) or N(0, init_scale²)."""
         with torch.no_grad():
@@ -91,6 +97,10 @@ class EmbeddingHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # matmul's backward needs its inputs, not its output, so the additions can be in place.
         return (self.project(x) @ self.embeddings.T).add_(self.token_bias).add_(self.level(x))
+
+    def at(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """raw(x)_v at one token per row (see :meth:`VocabHead.at`)."""
+        return (self.project(x) * self.embeddings[tokens]).sum(-1) + self.token_bias[tokens] + self.level(x).squeeze(-1)
 
     def reset(self, init_scale: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Level and token bias zero; W zero (ψ constant over tokens) or N(0, init_scale²)."""

@@ -37,6 +37,11 @@ class LinearTwist(Twist):
     def log_psi(self, ctx: TwistContext) -> torch.Tensor:
         return self.head(ctx.hidden.to(self.head.weight.dtype))
 
+    def log_psi_tokens(self, hidden: torch.Tensor, tokens: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        """log ψ_t(s_<t, s_t) at the stored tokens only: (N, T, H), (N, T) → (N, T), with grad."""
+        w = self.head.weight
+        return self.head.at(hidden.to(device=w.device, dtype=w.dtype), tokens.to(w.device))
+
     def config(self) -> dict:
         return {
             "kind": self.kind,

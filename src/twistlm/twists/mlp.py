@@ -118,6 +118,12 @@ class MLPTwist(Twist):
         """(N, T, V) log ψ_t(s_<t, ·) for every step of stored sequences (with grad; see :mod:`.features`)."""
         return self._head(feats.hidden)
 
+    def log_psi_tokens(self, hidden: torch.Tensor, tokens: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        """log ψ_t(s_<t, s_t) at the stored tokens only: ``hidden`` (N, T, H), ``tokens`` (N, T) → (N, T), with grad."""
+        p = self._param
+        raw = self.out.at(self.net(hidden.to(device=p.device, dtype=p.dtype)), tokens.to(p.device))
+        return apply_output(raw, self.output)
+
     def config(self) -> dict:
         return {
             "kind": self.kind,
