@@ -32,17 +32,17 @@ CORPUS_DIR_NAME = "corpus"
 
 
 class CorpusTwistTrainer(TwistTrainer):
-    """Train ``twist`` for ``target`` on a cached corpus of ``config.corpus_size`` p0 samples per prompt."""
+    """Train ``twist`` for ``target`` on a cached corpus of p0 samples (``config.corpus_samples(T)`` per prompt)."""
 
     def __init__(self, twist, target, config: TwistTrainingConfig, callbacks=(), run_info=None, accelerator=None,
                  progress=None):
         if config.loss not in CORPUS_LOSSES:
             raise ConfigError(
-                f"the {config.loss} loss cannot train on a cached corpus (corpus_size > 0); use one of "
-                f"{', '.join(CORPUS_LOSSES)}, or corpus_size=0"
+                f"the {config.loss} loss cannot train on a cached corpus; use one of "
+                f"{', '.join(CORPUS_LOSSES)}, or corpus_size=0 and corpus_tokens=0"
             )
-        if config.corpus_size < 1:
-            raise ConfigError("a corpus trainer needs corpus_size ≥ 1")
+        if config.corpus_samples(target.max_new_tokens) < 1:
+            raise ConfigError("a corpus trainer needs corpus_size ≥ 1 or corpus_tokens ≥ 1")
         if config.proposal not in (None, "base"):
             raise ConfigError("corpus training draws its negatives from the corpus (p0): leave proposal unset")
         super().__init__(twist, target, config, callbacks=callbacks, run_info=run_info, accelerator=accelerator)
@@ -64,7 +64,11 @@ class CorpusTwistTrainer(TwistTrainer):
 
     def _build(self) -> SampleCorpus:
         return build_corpus(
-            self.target, self.corpus_path, self.config.corpus_size, seed=self.config.seed, progress=self.corpus_progress
+            self.target,
+            self.corpus_path,
+            self.config.corpus_samples(self.target.max_new_tokens),
+            seed=self.config.seed,
+            progress=self.corpus_progress,
         )
 
     # -- one update --------------------------------------------------------------------------------------------------
@@ -108,8 +112,9 @@ class CorpusTwistTrainer(TwistTrainer):
 
 
 def make_twist_trainer(twist, target, config: TwistTrainingConfig, **kwargs) -> TwistTrainer:
-    """The trainer ``config`` asks for: on a cached corpus when ``corpus_size > 0``, otherwise on fresh samples."""
-    if config.corpus_size > 0:
+    """The trainer ``config`` asks for: on a cached corpus when it has a corpus size or token budget, otherwise on
+    fresh samples."""
+    if config.corpus_samples(target.max_new_tokens) > 0:
         return CorpusTwistTrainer(twist, target, config, **kwargs)
     kwargs.pop("progress", None)
     return TwistTrainer(twist, target, config, **kwargs)

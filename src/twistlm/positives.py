@@ -21,6 +21,7 @@ which the losses skip) and can save/restore its state for exact resumption.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,16 +108,34 @@ class PositiveSource:
         return None
 
 
+def _prompt_key(target: Target, b: int) -> str:
+    """What defines prompt b's σ besides the shared LM, potential and horizon: its token ids and its extras."""
+    extras = {k: v[b] for k, v in sorted(target.extras.items())}
+    return json.dumps([list(target.prompt_ids[b]), extras], sort_keys=True, default=repr)
+
+
 class ExactPositives(PositiveSource):
+    """σ by enumeration, per prompt of the request's target (enumerated once per distinct prompt and extras, so a
+    trainer that draws batches of questions from a dataset gets each question's own σ)."""
+
     name = "exact"
 
     def __init__(self, target: Target, capacity: int = 0):
         super().__init__(target)
-        self._exact = [enumerate_target(target, b) for b in range(target.num_prompts)]
+        self._cache: dict[str, object] = {}
+        for b in range(target.num_prompts):
+            self._enumerated(target, b)
+
+    def _enumerated(self, target: Target, b: int):
+        key = _prompt_key(target, b)
+        if key not in self._cache:
+            self._cache[key] = enumerate_target(target, b)
+        return self._cache[key]
 
     def draw(self, request: PositiveRequest) -> Samples:
         seqs, log_phi = [], []
-        for ex in self._exact:
+        target = request.target
+        for ex in (self._enumerated(target, b) for b in range(target.num_prompts)):
             draws = torch.multinomial(ex.probs, request.num_positives, replacement=True, generator=request.generator)
             seqs += [list(ex.sequences[i]) for i in draws.tolist()]
             log_phi.append(ex.log_phi[draws])

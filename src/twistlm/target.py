@@ -97,6 +97,7 @@ class Target:
             prompt_index=list(prompt_index),
             extras={k: [v[b] for b in prompt_index] for k, v in self.extras.items()},
             prompt_ids=[self.prompt_ids[b] for b in prompt_index],
+            raw_prompts=[self.prompts[b] for b in prompt_index],
         )
 
     def log_phi(self, generated: Sequence[Sequence[int]], prompt_index: Sequence[int], **context: Any):

@@ -38,6 +38,7 @@ from twistlm.positives import (
     get_positive_source,
     samples_from_results,
 )
+from twistlm.prompt_data import PromptBatches
 from twistlm.smc import run_smc
 from twistlm.target import Target
 from twistlm.trainloop import CURVE_NAME, EXAMPLES_PER_SNAPSHOT, LoopConfig, TrainLoop, list_checkpoints
@@ -74,11 +75,21 @@ class TwistTrainingConfig(LoopConfig):
         metadata={"help": "p0 samples per prompt drawn once and reused by every update (off-policy training on a "
                   "cached corpus, twistlm.corpus); 0: draw fresh samples every update."},
     )
+    corpus_tokens: int = field(
+        default=0,
+        metadata={"help": "The corpus as a budget of generated tokens per prompt: corpus_size = ⌈corpus_tokens / T⌉ "
+                  "(used when corpus_size is 0), so one setting fits tasks with different horizons."},
+    )
     corpus_dir: str | None = field(
         default=None, metadata={"help": "Folder of the cached corpus (default: <output_dir>/corpus); shareable."}
     )
     eval_particles: int | None = field(
         default=None, metadata={"help": "Particles of the twisted SIS run logged as log Ẑ (default: num_particles)."}
+    )
+    prompts_per_step: int = field(
+        default=0,
+        metadata={"help": "Questions drawn per update from the target's prompts, a dataset of prompts "
+                  "(twistlm.prompt_data); 0: every update uses all of them."},
     )
 
     resume_keys = LoopConfig.resume_keys + (
@@ -91,6 +102,8 @@ class TwistTrainingConfig(LoopConfig):
         "rejection_particles",
         "buffer_size",
         "corpus_size",
+        "corpus_tokens",
+        "prompts_per_step",
     )
 
     def __post_init__(self) -> None:
@@ -106,14 +119,21 @@ class TwistTrainingConfig(LoopConfig):
             raise ConfigError(f"num_particles must be ≥ 1, got {self.num_particles}")
         if self.buffer_size < 0:
             raise ConfigError(f"buffer_size must be ≥ 0, got {self.buffer_size}")
-        if self.corpus_size < 0:
-            raise ConfigError(f"corpus_size must be ≥ 0, got {self.corpus_size}")
+        if self.prompts_per_step < 0:
+            raise ConfigError(f"prompts_per_step must be ≥ 0, got {self.prompts_per_step}")
+        for name in ("corpus_size", "corpus_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         for name in ("num_positives", "rejection_particles", "eval_particles"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {value}")
         if not 0.0 <= self.positive_ess_threshold <= 1.0:
             raise ConfigError(f"positive_ess_threshold must lie in [0, 1], got {self.positive_ess_threshold}")
+
+    def corpus_samples(self, max_new_tokens: int) -> int:
+        """Samples per prompt of the cached corpus (0: on-policy training)."""
+        return self.corpus_size or -(-self.corpus_tokens // max_new_tokens)
 
     @property
     def loss_spec(self) -> TwistLoss:
@@ -183,6 +203,7 @@ class TwistTrainer(TrainLoop):
 
             accelerator = Accelerator(cpu=target.lm.device.type == "cpu")
         twist.to(accelerator.device)
+        self.prompt_batches = PromptBatches.for_config(target, config, twist)  # None: the fixed target
         bind = getattr(twist, "bind_target", None)
         if callable(bind):
             bind(target)
@@ -241,9 +262,21 @@ class TwistTrainer(TrainLoop):
             pos = self._rollouts(positives, self._features(positives), "base")
         return self.loss.compute(neg, pos, self.generator)
 
+    def update_target(self) -> None:
+        """Hook at the start of every update: set ``self.target``, the prompts this update trains on. Default: the
+        fixed target; with ``prompts_per_step`` = P > 0, P questions drawn from the target's prompts with the
+        trainer's generator (:class:`twistlm.prompt_data.PromptBatches`), the twist rebound to them."""
+        if self.prompt_batches is None:
+            return
+        self.target = self.prompt_batches.draw(self.generator)
+        bind = getattr(self.twist, "bind_target", None)
+        if callable(bind):
+            bind(self.target)
+
     def training_step(self) -> tuple[float, list]:
         """Sample, compute the loss, take one optimizer step; returns the loss and the negatives' results."""
         self.twist.train()
+        self.update_target()
         negatives, results = self._negatives()
         if self.loss.needs_positives:  # SIS negatives: log_weights = log σ̃(s) − log q(s) exactly
             self.positive_source.observe(negatives, torch.stack([r.log_weights.double() for r in results]))

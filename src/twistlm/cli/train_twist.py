@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from twistlm.cli import prompt_batches
 from twistlm.cli.app import app, console, err_console
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
@@ -29,6 +30,7 @@ from twistlm.cli.common import (
 )
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.losses import LOSSES, get_loss
+from twistlm.recipes import twist_recipe
 from twistlm.tasks.registry import get_task
 from twistlm.corpus_training import make_twist_trainer
 from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainingConfig
@@ -81,17 +83,26 @@ def train_twist(
         list[str] | None, typer.Option("--task-option", "-o", help="Task option key=value (repeatable).")
     ] = None,
     loss: Annotated[str, typer.Option("--loss", help=" | ".join(LOSSES))] = "ctl",
-    twist_kind: Annotated[str, typer.Option("--twist-kind", help=TWIST_KINDS_HELP)] = "linear",
+    twist_kind: Annotated[
+        str | None, typer.Option("--twist-kind", help=TWIST_KINDS_HELP + " (default: the loss's recipe)")
+    ] = None,
     twist_option: Annotated[
         list[str] | None, typer.Option("--twist-option", help="Twist option key=value, e.g. width=128 (repeatable).")
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer updates.")] = 200,
-    particles: Annotated[int, typer.Option("--particles", "-K", help="Negatives per prompt per update.")] = 32,
-    positives: Annotated[str, typer.Option("--positives", help=" | ".join(POSITIVE_SOURCES))] = "smc",
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer updates (default: the recipe's).")] = None,
+    particles: Annotated[
+        int | None, typer.Option("--particles", "-K", help="Negatives per prompt per update (default: the recipe's).")
+    ] = None,
+    positives: Annotated[
+        str | None,
+        typer.Option("--positives", help=" | ".join(POSITIVE_SOURCES) + " (on-policy sampling; default: smc)"),
+    ] = None,
     proposal: Annotated[
         str | None, typer.Option("--proposal", help="Negatives from base | twisted (default: the loss's choice).")
     ] = None,
-    learning_rate: Annotated[float, typer.Option("--learning-rate", "--lr", help="AdamW learning rate.")] = 1e-3,
+    learning_rate: Annotated[
+        float | None, typer.Option("--learning-rate", "--lr", help="AdamW learning rate (default: the recipe's).")
+    ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", "-T", help="Horizon T (default: the task's).")
     ] = None,
@@ -108,7 +119,9 @@ def train_twist(
             help="Any other TwistTrainingConfig field as key=value, e.g. max_grad_norm=1 (repeatable).",
         ),
     ] = None,
-    logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log every N updates.")] = 10,
+    logging_steps: Annotated[
+        int | None, typer.Option("--logging-steps", help="Log every N updates (default: the recipe's, else 10).")
+    ] = None,
     save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N updates (0: never).")] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     overwrite: Annotated[
@@ -119,27 +132,28 @@ def train_twist(
     """Train a twist ψ for a task (CTL, RL, SIXO or FUDGE) and save it with its config and training curves."""
     # Cheap checks first: nothing here loads a model.
     loss_spec = get_loss(loss)
+    recipe = twist_recipe(loss)
+    twist_kind = twist_kind or recipe.twist_kind
     twist_io.get_twist_kind(twist_kind)
     task_obj = get_task(task)
     options = parse_options(task_option)
     check_task_options(task_obj, options)
     twist_options = parse_options(twist_option)
+    if twist_kind == recipe.twist_kind:
+        twist_options = {**recipe.twist_options, **twist_options}
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if out.exists() and not out.is_dir():
         raise TwistLMError(f"--out {out} exists and is not a folder")
     extra = training_options(parse_options(train_option))
+    options, extra = prompt_batches.resolve(task_obj, options, extra)  # dataset mode: many questions, P per update
+    given = {**extra, "learning_rate": learning_rate, "max_steps": steps, "num_particles": particles,
+             "proposal": proposal, "positives": positives, "logging_steps": logging_steps}
     config = TwistTrainingConfig(
-        **extra,
+        **recipe.settings(given),
         output_dir=str(out),
         loss=loss,
-        learning_rate=learning_rate,
-        max_steps=steps,
-        num_particles=particles,
-        proposal=proposal,
-        positives=positives,
         seed=seed,
-        logging_steps=logging_steps,
         save_steps=save_steps,
         resume=resume,
         overwrite=overwrite,
@@ -152,7 +166,10 @@ def train_twist(
     else:
         with err_console.status(f"loading model {model or EMBEDDED_LABEL} …"):
             lm = load_model(model)
-    target = task_obj.build(lm, max_new_tokens=max_new_tokens, **options)
+    target, dataset_note = prompt_batches.training_target(task_obj, lm, max_new_tokens, options,
+                                                          config.prompts_per_step)
+    if dataset_note and not quiet:
+        console.print(dataset_note, style="dim", highlight=False)
     twist_options.setdefault("output", loss_spec.twist_output)
     twist_options.setdefault("seed", seed)
     twist = twist_io.build_twist(twist_kind, lm, target, **twist_options)
@@ -170,7 +187,7 @@ def train_twist(
         lambda callbacks: make_twist_trainer(
             twist, target, config, callbacks=callbacks, run_info=run_info, progress=None if quiet else corpus_progress
         ),
-        steps,
+        config.max_steps,
         PROGRESS_KEYS,
         quiet,
     )

@@ -40,6 +40,8 @@ class Sequences:
         list aligned with the sequences.
     prompt_ids: the prompt's token ids for each sequence, exactly as the sampler fed them to the LM (chat template
         included); empty when the caller built the batch by hand.
+    raw_prompts: the prompt of each sequence as the target was given it (text, or chat messages before the
+        template); empty when the caller built the batch by hand.
 
     Filled in by samplers (None / empty for a hand-built batch), so LM-based potentials need not recompute:
     log_p0: (n,) log p0(s | x) of each completion as sampled (its finishing EOS included; tool tokens excluded).
@@ -54,6 +56,7 @@ class Sequences:
     prompt_index: list[int] = field(default_factory=list)
     extras: dict[str, list[Any]] = field(default_factory=dict)
     prompt_ids: list[list[int]] = field(default_factory=list)
+    raw_prompts: list[Any] = field(default_factory=list)
     log_p0: torch.Tensor | None = None
     lm_state: Any = None
     state_rows: torch.Tensor | None = None

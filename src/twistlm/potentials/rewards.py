@@ -13,6 +13,12 @@ log φ = β · (Σ_i w_i r_i − m), with m = ``max_reward`` or 0:
 * with ``max_reward`` = m, a known upper bound on Σ_i w_i r_i, and β ≥ 0, log φ ≤ 0 and the potential is declared
   bounded (σ is the same; Z is scaled by e^{−β m}). A total above m is reported as an error by the bound check.
 
+Conversational format (``conversational=True``), as ``GRPOTrainer`` calls reward functions on a conversational
+dataset: each prompt is its list of chat messages (a text prompt becomes one user message) and each completion is
+``[{"role": "assistant", "content": text}]`` — so functions written for TRL's conversational data, e.g. the GRPO
+recipe's ``[c[0]["content"] for c in completions]`` and ``prompts[0][-1]["content"]``, run unchanged. The default
+(False) passes both as plain strings (TRL's standard format).
+
 A reward returning None or NaN for an item, the wrong number of values, or something that is not a number raises
 :class:`~twistlm.errors.PotentialError` naming the reward function.
 
@@ -44,12 +50,21 @@ def _finite_number(value: object, what: str) -> float:
     return float(value)
 
 
+ASSISTANT, USER = "assistant", "user"
+
+
+def _as_messages(prompt: Any) -> list[dict[str, Any]]:
+    """A prompt as chat messages: messages stay as they are, text becomes one user message."""
+    return [{"role": USER, "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
 class RewardPotential(Potential):
     """φ = exp(β · (Σ_i w_i r_i − max_reward)) for TRL-style reward functions (see the module docstring).
 
     reward_funcs: one function, a list of functions, or a dict name → function (names appear in errors).
     weights: one weight per function (a list, or a dict keyed like ``reward_funcs``); default all 1.
     beta: β, the inverse temperature. max_reward: optional upper bound on the weighted total (makes it bounded).
+    conversational: call the functions with chat-message prompts and completions (module docstring).
     """
 
     def __init__(
@@ -59,6 +74,7 @@ class RewardPotential(Potential):
         beta: float = 1.0,
         max_reward: float | None = None,
         name: str | None = None,
+        conversational: bool = False,
     ):
         if isinstance(reward_funcs, Mapping):
             funcs = dict(reward_funcs)
@@ -91,6 +107,7 @@ class RewardPotential(Potential):
         self.beta = _finite_number(beta, "beta")
         self.max_reward = None if max_reward is None else _finite_number(max_reward, "max_reward")
         self.bounded = self.max_reward is not None and self.beta >= 0
+        self.conversational = bool(conversational)
         self.name = name or "reward:" + "+".join(funcs)
 
     def rewards(self, seqs: Sequences) -> dict[str, torch.Tensor]:
@@ -100,6 +117,9 @@ class RewardPotential(Potential):
             raise PotentialError(f"potential {self.name!r}: extras may not be named {clash} (TRL reserves them)")
         kwargs: dict[str, Any] = {k: list(v) for k, v in seqs.extras.items()}
         prompts, completions = list(seqs.prompts), list(seqs.texts)
+        if self.conversational:
+            prompts = [_as_messages(p) for p in (seqs.raw_prompts or seqs.prompts)]
+            completions = [[{"role": ASSISTANT, "content": text}] for text in seqs.texts]
         out = {}
         for key, f in self.reward_funcs.items():
             try:
@@ -108,7 +128,7 @@ class RewardPotential(Potential):
                 raise PotentialError(
                     f"reward function {key!r} (in potential {self.name!r}) raised {type(exc).__name__}: {exc}"
                 ) from exc
-            out[key] = self._check(key, raw, len(seqs), completions)
+            out[key] = self._check(key, raw, len(seqs), list(seqs.texts))
         return out
 
     def _check(self, key: str, raw: object, n: int, completions: list[str]) -> torch.Tensor:

@@ -136,6 +136,8 @@ def define_task(
     default_max_new_tokens: int | str,
     success: Callable[[Target, list[str], list[int]], list[bool]] | None = None,
     answer: Answers | None = None,
+    dataset: Callable[..., Any] | None = None,
+    formatted: Callable[[Target, list[str], list[int]], list[bool]] | None = None,
 ) -> Task:
     """Register a task whose ``build`` checks ``options`` and calls ``builder(lm, T, B, **values)``.
 
@@ -143,6 +145,9 @@ def define_task(
     default that depends on the options, in which case the builder receives T = None and applies it itself.
     answer: the task's :class:`~twistlm.tasks.registry.Answers`; its ``count`` is called with the checked options
         (defaults filled in), like the builder.
+    dataset: ``dataset(**checked_options) -> PromptDataset`` (:attr:`~twistlm.tasks.registry.Task.dataset`), called
+        with the checked options like the builder.
+    formatted: see :attr:`~twistlm.tasks.registry.Task.formatted`.
     """
 
     def build(lm: ParticleLM, max_new_tokens: int | None = None, num_prompts: int = 1, **given: Any) -> Target:
@@ -171,7 +176,14 @@ def define_task(
             return count_checked(**check_options(name, options, given))
 
         answer = Answers(read=answer.read, gold=answer.gold, count=count)
-    task = Task(name=name, description=description, build=build, success=success, options=help_texts, answer=answer)
+    checked_dataset = None
+    if dataset is not None:
+
+        def checked_dataset(**given: Any) -> Any:
+            return dataset(**check_options(name, options, given))
+
+    task = Task(name=name, description=description, build=build, success=success, options=help_texts, answer=answer,
+                dataset=checked_dataset, formatted=formatted)
     task.default_max_new_tokens = default_max_new_tokens  # type: ignore[attr-defined]
     return register_task(task)
 

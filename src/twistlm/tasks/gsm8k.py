@@ -9,7 +9,11 @@ works; σ is unchanged by the shift). ``variant=corrected`` (default) or ``recip
 
 Data: ``data=PATH`` a GSM8K JSONL (``{"question", "answer"}`` with ``#### <gold>``; ``twistlm.data.load_gsm8k``),
 ``data=hf`` the Hugging Face hub's ``openai/gsm8k`` (needs ``datasets`` and a network; ``split`` picks the split),
-none: a built-in question (hand-written). ``index`` picks the first problem. Default horizon T = 128 (a short
+none: a built-in question (hand-written). ``index`` picks the first problem. ``part=train|dev|all`` (default all)
+with ``dev_size=N`` (default 500) carves a deterministic dev split: the **last** N rows of the data are ``dev``, the
+rows before them ``train`` (:mod:`twistlm.prompt_data`); ``index`` counts within the part. ``TASK.dataset(**options)``
+returns the selected problems as a :class:`~twistlm.prompt_data.PromptDataset` (dataset-level twist training,
+``twistlm search``); ``formatted`` says whether a completion has the requested tag layout. Default horizon T = 128 (a short
 chain of thought; the recipe allows 200+, which is slow on CPU).
 
 Goal (:func:`success`): the answer between the last ``<answer>`` tags equals the gold number (after removing commas,
@@ -33,14 +37,18 @@ from twistlm.potentials import gsm8k_potential
 from twistlm.potentials.gsm8k_rewards import (
     SYSTEM_PROMPT,
     corrected_correctness_reward_func,
+    corrected_soft_format_reward_func,
     extract_xml_answer,
     gold_text,
 )
+from twistlm.prompt_data import PARTS, PromptDataset
 from twistlm.target import Target
 from twistlm.tasks.common import Option, define_task, select_examples
 from twistlm.tasks.registry import Answers
 
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_DEV_SIZE = 500
+"""Rows at the end of the data file held out as the dev split (of the 7,473-row train.jsonl: rows 6974–7473)."""
 ANSWER_KEY = "answer"
 HUB_DATA = "hf"
 
@@ -58,6 +66,9 @@ OPTIONS = {
     "split": Option("test", "split of the hub data set (data=hf only)", str),
     "variant": Option("corrected", "reward variant", str, choices=("corrected", "recipe")),
     "beta": Option(1.0, "φ = exp(beta · (Σ rewards − 4))", float, minimum=0.0),
+    "part": Option("all", "rows of the data: all, train (all but the last dev_size) or dev (the last dev_size)", str,
+                   choices=tuple(PARTS)),
+    "dev_size": Option(DEFAULT_DEV_SIZE, "rows at the end of the data held out as the dev split", int, minimum=0),
 }
 
 
@@ -66,30 +77,65 @@ def messages_for(question: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
-def build(
-    lm: ParticleLM, T: int, B: int, *, data: str | None, index: int, split: str, variant: str, beta: float
-) -> Target:
+def _problems(data: str | None, split: str, part: str, dev_size: int, needed: int | None = None) -> PromptDataset:
+    """The problems of ``data`` (the file, the hub split, or the built-in list) in ``part`` of the dev split, as
+    prompts (system prompt + question) with their gold numbers; ``needed``: with part=all, read only that many."""
+    limit = needed if part == "all" else None
     if data is None:
         if split != "test":
             raise ConfigError("task 'gsm8k': split is for data=hf")
-        rows = select_examples("gsm8k", BUILTIN_PROBLEMS, index, B, "the built-in problem list")
+        if part != "all":
+            raise ConfigError("task 'gsm8k': part (the dev split) needs data=PATH or data=hf")
+        pairs, source = list(BUILTIN_PROBLEMS), "the built-in problem list"
+    elif data == HUB_DATA:
+        pairs, source = [(e.question, e.gold) for e in load_gsm8k_hf(split=split, limit=limit)], f"openai/gsm8k {split}"
     else:
-        if data == HUB_DATA:
-            examples = load_gsm8k_hf(split=split, limit=index + B)
-            source = f"openai/gsm8k {split}"
-        else:
-            if split != "test":
-                raise ConfigError("task 'gsm8k': split is for data=hf")
-            examples = load_gsm8k(data, limit=index + B)
-            source = data
-        rows = [(e.question, e.gold) for e in select_examples("gsm8k", examples, index, B, source)]
-    return Target(
-        lm,
-        prompts=[messages_for(q) for q, _ in rows],
-        potential=gsm8k_potential(variant, beta=beta, bounded=True),
-        max_new_tokens=T,
-        extras={ANSWER_KEY: [gold for _, gold in rows]},
-    )
+        if split != "test":
+            raise ConfigError("task 'gsm8k': split is for data=hf")
+        pairs, source = [(e.question, e.gold) for e in load_gsm8k(data, limit=limit)], data
+    rows = [{"question": q, ANSWER_KEY: gold} for q, gold in pairs]
+    return PromptDataset.from_rows(rows, make_prompt=messages_for, source=source).part(part, dev_size)
+
+
+def _potential(variant: str, beta: float):
+    return gsm8k_potential(variant, beta=beta, bounded=True)
+
+
+def build(
+    lm: ParticleLM,
+    T: int,
+    B: int,
+    *,
+    data: str | None,
+    index: int,
+    split: str,
+    variant: str,
+    beta: float,
+    part: str,
+    dev_size: int,
+) -> Target:
+    problems = _problems(data, split, part, dev_size, needed=index + B)
+    label = problems.source if part == "all" else f"the {part} part of {problems.source}"
+    select_examples("gsm8k", range(len(problems)), index, B, label)
+    return problems.slice(index, index + B).as_target(lm, _potential(variant, beta), T)
+
+
+def dataset(
+    *, data: str | None, index: int, split: str, variant: str, beta: float, part: str, dev_size: int
+) -> PromptDataset:
+    """The problems of ``part`` from ``index`` on, as a :class:`~twistlm.prompt_data.PromptDataset` (prompt = system
+    prompt + question, ``answer`` = the gold number); pair it with :func:`build`'s target for its potential."""
+    problems = _problems(data, split, part, dev_size)
+    if index >= len(problems):
+        raise ConfigError(f"task 'gsm8k': index {index} is past the last problem ({problems.source} has "
+                          f"{len(problems)} in part {part!r})")
+    return problems.slice(index)
+
+
+def formatted(target: Target, texts: list[str], prompt_index: list[int]) -> list[bool]:
+    """The requested layout ``<reasoning>…</reasoning>`` then ``<answer>…</answer>``: the corrected soft-format
+    reward fires (multi-line fields allowed, anchored at the start)."""
+    return [r > 0 for r in corrected_soft_format_reward_func([None] * len(texts), list(texts))]
 
 
 def success(target: Target, texts: list[str], prompt_index: list[int]) -> list[bool]:
@@ -143,11 +189,9 @@ def gold_answers(target: Target) -> list[str]:
     return [canonical_number(g) or g for g in golds]
 
 
-def problem_count(*, data: str | None, split: str, **_: object) -> int:
-    """Problems in the data (the JSONL file, the hub split, or the built-in list)."""
-    if data is None:
-        return len(BUILTIN_PROBLEMS)
-    return len(load_gsm8k_hf(split=split) if data == HUB_DATA else load_gsm8k(data))
+def problem_count(*, data: str | None, split: str, part: str, dev_size: int, **_: object) -> int:
+    """Problems in the data (the JSONL file, the hub split, or the built-in list), within ``part``."""
+    return len(_problems(data, split, part, dev_size))
 
 
 ANSWERS = Answers(read=read_answers, gold=gold_answers, count=problem_count)
@@ -160,4 +204,6 @@ TASK = define_task(
     DEFAULT_MAX_NEW_TOKENS,
     success,
     answer=ANSWERS,
+    dataset=dataset,
+    formatted=formatted,
 )

@@ -49,6 +49,12 @@ class Task:
     options: documented option names → one-line help, for ``twistlm tasks``.
     answer: :class:`Answers` (read a completion's answer, the gold answers, the number of problems); None if the
         task has no final answer to grade.
+    dataset: ``dataset(**options) -> PromptDataset``, the task's problems as a dataset of prompts (the rows the
+        options select: data file, part of the dev split, from ``index`` on), for training one twist over many
+        questions and for ``twistlm search``; None if the task has no such data. Pair it with a target built by
+        ``build`` for the same options: ``task.dataset(**o).target(task.build(lm, **o))``.
+    formatted: ``formatted(target, texts, prompt_index) -> list[bool]``, whether each completion is in the layout
+        the task asks for (``twistlm search``'s format rate); None if the task asks for none.
     """
 
     name: str
@@ -57,6 +63,8 @@ class Task:
     success: Callable[[Target, list[str], list[int]], list[bool]] | None = None
     options: dict[str, str] = field(default_factory=dict)
     answer: Answers | None = None
+    dataset: Callable[..., Any] | None = None
+    formatted: Callable[[Target, list[str], list[int]], list[bool]] | None = None
 
 
 TASKS: dict[str, Task] = {}

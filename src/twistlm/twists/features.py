@@ -8,8 +8,10 @@ model is frozen, so its part is computed once, without grad:
     logp0[n, t−1]  = log p0(· | s_<t)      (N, T, V)
     mask[n, t−1]   = t ≤ len(s^n)          (N, T)     step t was taken (the particle had not finished before t)
 
-For a Hugging Face model this is one forward pass over [prompt; s_1..s_T−1] (prompts left-padded, explicit
-positions, exactly as :class:`~twistlm.lm.HFLM` does incrementally); for any other :class:`ParticleLM` (the toy LM)
+For a Hugging Face model this is one forward pass over s_1..s_T−1 on top of the prompts' KV cache, each distinct
+prompt prefilled once and shared by the sequences that continue it (prompts left-padded, explicit positions, exactly
+as :class:`~twistlm.lm.HFLM` does incrementally; :func:`hf_shared_prompt_hidden`), or over [prompt; s_1..s_T−1] when
+every sequence has its own prompt; for any other :class:`ParticleLM` (the toy LM)
 it steps through the sequences with ``prefill`` / ``step``. Then :func:`prefix_log_psi` applies a twist head to all
 prefixes *with* grad: heads over the hidden state do it in one call (``log_psi_prefixes``), any other twist is called
 step by step through its ordinary ``log_psi(TwistContext)``, so every :class:`Twist` can be trained.
@@ -117,8 +119,33 @@ def hf_prefix_hidden(backbone: Any, prompt_rows, tokens: torch.Tensor, pad: int,
     return out.last_hidden_state[:, start : start + tokens.shape[1]]
 
 
-def _hf_features(lm: HFLM, prompt_rows, tokens):
-    hidden = hf_prefix_hidden(lm._backbone, prompt_rows, tokens, lm.eos_token_id, lm.device)
+def hf_shared_prompt_hidden(lm: HFLM, prompt_ids, prompt_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, T, H) h_t(s_<t) as :func:`hf_prefix_hidden` gives them, with each distinct prompt encoded **once**: the
+    prompts are prefilled as the sampler does (:meth:`HFLM.prefill`), their KV cache expanded to the N rows, and
+    s_1..s_T−1 of all rows run in one forward on top of it. With K sequences per prompt of P tokens this costs
+    P + K·T positions per prompt instead of K·(P + T). Frozen model: no grad (the result is a normal tensor)."""
+    with torch.inference_mode():
+        unique, rows = torch.unique(prompt_index, return_inverse=True)
+        state = lm.reorder(lm.prefill([prompt_ids[u] for u in unique.tolist()], 1), rows)
+        hidden = state.hidden.unsqueeze(1)
+        T = tokens.shape[1]
+        if T > 1:
+            backend = state.backend
+            mask = backend["mask"]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], T - 1)], dim=1)
+            positions = backend["next_pos"].unsqueeze(1) + torch.arange(T - 1, device=lm.device)
+            rest = lm._hidden_states(tokens[:, : T - 1].to(lm.device), mask, positions, backend["cache"])
+            hidden = torch.cat([hidden, rest.to(hidden.dtype)], dim=1)
+    return hidden.clone()  # outside inference mode: a normal tensor, usable as the input of a head with grad
+
+
+def _hf_features(lm: HFLM, prompt_ids, prompt_index: torch.Tensor, tokens):
+    if len(torch.unique(prompt_index)) < len(prompt_index):  # prompts shared by several rows: encode each once
+        hidden = hf_shared_prompt_hidden(lm, prompt_ids, prompt_index, tokens)
+    else:
+        prompt_rows = [prompt_ids[b] for b in prompt_index.tolist()]
+        hidden = hf_prefix_hidden(lm._backbone, prompt_rows, tokens, lm.eos_token_id, lm.device)
     N, T, H = hidden.shape
     flat = hidden.reshape(N * T, H)
     logp0 = torch.cat(
@@ -172,7 +199,7 @@ def prefix_features(
     mask = torch.arange(1, T + 1).unsqueeze(0) <= lengths.unsqueeze(1)
     with torch.no_grad():
         if isinstance(lm, HFLM):
-            hidden, logp0 = _hf_features(lm, [prompt_ids[b] for b in prompt_index.tolist()], tokens)
+            hidden, logp0 = _hf_features(lm, prompt_ids, prompt_index, tokens)
         else:
             hidden, logp0 = _stepwise_features(lm, prompt_ids, prompt_index, tokens)
     return PrefixFeatures(hidden, logp0, mask, tokens, lengths, prompt_index, prompt_ids, pad)

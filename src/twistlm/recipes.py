@@ -1,0 +1,84 @@
+"""Default training recipes of ``twistlm train-twist``: one per loss, the settings EXPERIMENTS.md's tables were made
+with, so the command with no tuning flags reproduces them.
+
+A recipe names a twist kind with its options and values for :class:`~twistlm.training.TwistTrainingConfig` fields.
+The CLI fills every setting the user did not give from the recipe of the chosen loss; an explicit flag or
+``--train-option`` always wins. The off-policy losses (CTL with target positives, SIXO, FUDGE) train on a cached
+corpus of p0 samples (:mod:`twistlm.corpus_training`); RL bootstraps on full-vocabulary values and keeps on-policy
+sampling with p0 negatives (the round-2 calibration: twisted negatives collapsed it). Choosing ``--positives`` or
+``--proposal`` asks for on-policy sampling, so it drops the recipe's corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from twistlm.errors import ConfigError
+
+CORPUS_FIELDS = ("corpus_size", "corpus_tokens")
+ON_POLICY_FIELDS = ("positives", "proposal", "prompts_per_step")
+"""Config fields that only mean something when every update samples afresh (``prompts_per_step``: a fresh batch of
+questions per update, which a corpus of fixed prompts cannot serve)."""
+
+
+@dataclass(frozen=True)
+class TwistRecipe:
+    """The default settings of one loss: ``twist_kind`` + ``twist_options`` and ``config`` field values."""
+
+    loss: str
+    twist_kind: str
+    twist_options: Mapping = field(default_factory=dict)
+    config: Mapping = field(default_factory=dict)
+    note: str = ""
+
+    def settings(self, given: Mapping) -> dict:
+        """Config values: the recipe's, overridden by ``given`` (the user's). A corpus recipe's values were tuned for
+        corpus training, so when on-policy fields are given (without an explicit corpus size) none of them apply."""
+        explicit_corpus = any(k in given for k in CORPUS_FIELDS)
+        on_policy = any(given.get(k) is not None for k in ON_POLICY_FIELDS) and not explicit_corpus
+        out = {} if on_policy and any(k in self.config for k in CORPUS_FIELDS) else dict(self.config)
+        out.update({k: v for k, v in given.items() if v is not None})
+        return out
+
+
+def _frozen(d: dict) -> Mapping:
+    return MappingProxyType(dict(d))
+
+
+CORPUS_TWIST = _frozen({"width": 128, "depth": 1, "rank": 64})
+"""Embedding-factorised head, low rank: cheap in a sampler (see :mod:`twistlm.twists.embedding`) and few enough
+parameters that a few thousand p0 samples do not memorise."""
+CORPUS_CONFIG = _frozen(
+    {
+        "corpus_size": 8192,
+        "num_particles": 256,
+        "num_positives": 256,
+        "max_steps": 250,
+        "learning_rate": 3e-4,
+        "weight_decay": 1.0,
+        "eval_particles": 64,
+        "logging_steps": 50,
+    }
+)
+
+RECIPES: dict[str, TwistRecipe] = {
+    "ctl": TwistRecipe("ctl", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
+    "sixo": TwistRecipe("sixo", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
+    "fudge": TwistRecipe("fudge", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
+    "rl": TwistRecipe(
+        "rl",
+        "embedding",
+        _frozen({"width": 256, "depth": 1}),
+        _frozen({"proposal": "base", "num_particles": 32, "max_steps": 120, "learning_rate": 3e-4, "max_grad_norm": 1.0}),
+        "on-policy soft-Q regression with p0 negatives (EXPERIMENTS.md round 2)",
+    ),
+}
+"""Registry: loss name → its default recipe."""
+
+
+def twist_recipe(loss: str) -> TwistRecipe:
+    if loss not in RECIPES:
+        raise ConfigError(f"no training recipe for loss {loss!r}; choose from: {', '.join(sorted(RECIPES))}")
+    return RECIPES[loss]
