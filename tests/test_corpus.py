@@ -124,3 +124,47 @@ def test_corpus_trainer_refusals_and_factory(target, tmp_path):
     assert isinstance(make_twist_trainer(twist, target, _config(tmp_path / "a")), CorpusTwistTrainer)
     plain = make_twist_trainer(twist, target, _config(tmp_path / "b", corpus_size=0, positives="exact"))
     assert type(plain) is TwistTrainer
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "embedding", "conditional"])
+def test_gathered_head_values_equal_the_full_vocabulary_head(kind, lm, tmp_path):
+    """log ψ at the stored tokens (what corpus training evaluates) = the full (N, T, V) head gathered at them."""
+    from twistlm.twists.features import log_psi_at_tokens, prefix_log_psi
+    from twistlm.twists.io import build_twist
+
+    target = Target(lm, prompts=["a", "b"], potential=SoftLetter(), max_new_tokens=3, extras={"label": [0, 1]})
+    options = {"init_scale": 0.3}
+    if kind == "embedding":
+        options["rank"] = 2
+    twist = build_twist(kind, lm, target, **options)
+    corpus = build_corpus(target, tmp_path / "c", 8, chunk_particles=8)
+    seqs = [corpus.tokens[n, : corpus.lengths[n]].tolist() for n in range(corpus.num_rows)]
+    feats = prefix_features(lm, target.prompt_ids, seqs, prompt_index=corpus.prompt_index, max_new_tokens=3)
+    full = prefix_log_psi(twist, feats).gather(-1, feats.tokens.unsqueeze(-1)).squeeze(-1)
+    at = log_psi_at_tokens(twist, feats.hidden, feats.tokens, feats.prompt_index, feats.lengths)
+    assert torch.allclose(full.double(), at.double(), atol=1e-5)
+
+
+def test_low_rank_embedding_twist_reloads_identically(lm, tmp_path):
+    from twistlm.twists.embedding import EmbeddingTwist
+    from twistlm.twists.io import load_twist
+
+    twist = EmbeddingTwist.for_lm(lm, width=8, rank=2, init_scale=0.5, seed=3)
+    twist.save_pretrained(tmp_path)
+    again = load_twist(tmp_path, lm)
+    assert again.rank == 2 and torch.equal(again.out.embeddings, twist.out.embeddings)
+    with pytest.raises(ConfigError, match="rank must be ≥ 1"):
+        EmbeddingTwist.for_lm(lm, rank=0)
+
+
+def test_recipe_fills_what_the_user_left_out():
+    from twistlm.recipes import twist_recipe
+
+    ctl = twist_recipe("ctl")
+    assert ctl.settings({})["corpus_tokens"] > 0
+    mine = ctl.settings({"learning_rate": 0.5, "max_steps": None})
+    assert mine["learning_rate"] == 0.5 and mine["max_steps"] == ctl.config["max_steps"]
+    on_policy = ctl.settings({"positives": "buffer"})  # on-policy: none of the corpus recipe applies
+    assert "corpus_tokens" not in on_policy and "weight_decay" not in on_policy
+    with pytest.raises(ConfigError, match="no training recipe"):
+        twist_recipe("kl")
