@@ -29,6 +29,8 @@ naming the field.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -406,7 +408,10 @@ class TrainLoop:
     def _check_resume(self, ckpt: Path, saved: dict) -> None:
         mine = self.config.to_dict()
         keys = type(self.config).resume_keys
-        changed = [(k, saved["config"].get(k), mine.get(k)) for k in keys if saved["config"].get(k) != mine.get(k)]
+        # A setting newer than the checkpoint is absent from it: the run had that field's default.
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}
+        old = {k: saved["config"].get(k, defaults.get(k)) for k in keys}
+        changed = [(k, old[k], mine.get(k)) for k in keys if old[k] != mine.get(k)]
         info = saved.get("run_info", {})
         changed += [
             (k, info.get(k), self.run_info.get(k))
