@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_training import SoftLetter, exact_kl
 
 import twistlm
 from twistlm import Target
@@ -20,8 +21,6 @@ from twistlm.training import TwistTrainer, TwistTrainingConfig
 from twistlm.twists.features import prefix_features
 from twistlm.twists.io import read_weights
 from twistlm.twists.tabular import TabularTwist
-
-from test_training import SoftLetter, exact_kl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

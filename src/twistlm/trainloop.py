@@ -30,7 +30,6 @@ naming the field.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import os

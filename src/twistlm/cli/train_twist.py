@@ -28,11 +28,11 @@ from twistlm.cli.common import (
     parse_options,
     run_training,
 )
+from twistlm.corpus_training import make_twist_trainer
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.losses import LOSSES, get_loss
 from twistlm.recipes import twist_recipe
 from twistlm.tasks.registry import get_task
-from twistlm.corpus_training import make_twist_trainer
 from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainingConfig
 from twistlm.twists import io as twist_io
 
