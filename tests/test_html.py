@@ -347,7 +347,8 @@ def test_training_writes_training_html_beside_the_curve(tmp_path):
     from test_training import _kill_resume_setup
 
     from twistlm.training import TwistTrainer
-    from twistlm.trainloop import CURVE_NAME, STATE_NAME, TRAINING_PAGE_NAME, list_checkpoints
+    from twistlm.checkpoints import STATE_NAME
+    from twistlm.trainloop import CURVE_NAME, TRAINING_PAGE_NAME, list_checkpoints
 
     out = tmp_path / "run"
     twist, target, cfg = _kill_resume_setup(str(out), resume=False, max_steps=8)
