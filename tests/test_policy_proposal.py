@@ -476,3 +476,29 @@ def test_cli_refuses_a_policy_for_another_model_or_tokenizer(tmp_path, embedded_
 def test_cli_sample_policy_flags_go_together(capsys, args, message):
     assert run_app(["sample", "--prompt", "ab", "--model", "toy", *args]) == USAGE_ERROR
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_cli_solve_with_a_policy_leaves_the_cached_base_model_alone(tmp_path, capsys):
+    """``solve --policy`` decodes with the policy on a private copy: afterwards the process's cached base model is
+    still p0 (no adapter injected into it), so a later command in the same process samples from p0."""
+    from twistlm.cli import common
+    from twistlm.gfn.policy import LoRAPolicy, LoraSettings
+
+    base = common.load_model(None)
+    prompt = torch.tensor([base.encode("I bought this")])
+    with torch.no_grad():
+        before = base.model(prompt).logits
+    policy = LoRAPolicy.create(twistlm.load_lm(), LoraSettings(r=2, alpha=4))
+    with torch.no_grad():
+        for name, p in policy.lm.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    folder = tmp_path / "pol"
+    policy.save_pretrained(folder, task="arithmetic", extra={"task_options": {}})
+    args = ["solve", "--task", "arithmetic", "--policy", str(folder), "--limit", "1", "-n", "1", "-T", "2", "-q"]
+    assert run_app(args) == 0, capsys.readouterr().err
+    assert common.load_model(None) is base
+    assert not any("lora" in name for name, _ in base.model.named_modules())
+    with torch.no_grad():
+        assert torch.equal(base.model(prompt).logits, before)

@@ -28,6 +28,7 @@ from twistlm.cli.common import (
     check_task_options,
     check_writable,
     load_model,
+    load_policy_lm,
     parse_options,
     write_json,
 )
@@ -290,10 +291,11 @@ def _run(settings: Settings, model: str | None, task: Task, policy: Path | None,
     model_label = lm.name if model is None else settings.model
     decoder = None
     if policy is not None:
-        from twistlm.gfn.policy import load_action_space, load_policy
+        from twistlm.gfn.policy import load_action_space
         from twistlm.gfn.sampling import policy_decoder
 
-        lm = load_policy(lm, policy.expanduser(), task=task.name)
+        # A private copy: the adapter is injected into the model it is loaded on, and the cached base must stay p0.
+        lm = load_policy_lm(policy, model, lm, task.name)
         space = load_action_space(policy.expanduser())
         decoder = policy_decoder(space) if space is not None else None
     loaded = time.perf_counter()
