@@ -10,7 +10,11 @@ tool-augmented p0, as in :mod:`twistlm.tools`):
   log R(z_1:m ⊤) = cum_m + log p0(⊤ y | x, z_1:m) — the stop token then the observation y, scored for every m in
   one packed forward (:func:`~twistlm.gfn.scoring.suffix_at_states`);
 * :class:`TemperedReward` (φ = p0^{1/τ−1}): log R = (cum_m + log p0(⊤ | x, z_1:m)) / τ, ⊤ the set of stop tokens;
-* :class:`PotentialReward` (any other potential): log R = cum_m + log p0(⊤ | x, z_1:m) + log φ(z_1:m). Only potentials
+* :class:`PotentialReward` (any other potential): log R = cum_m + log p0(⊤ | x, z_1:m) + log φ(z_1:m).
+
+  A trajectory cut at the maximum length T has no stop factor at its last state: the target truncates there
+  (p0(s | x) of a particle that reaches T without stopping is the product of its T tokens), so σ ∝ R is exactly the
+  sampler's σ over finished sequences, as SMC and ``evaluate`` use it. Only potentials
   that declare ``prefix_defined = True`` (meaningful on every prefix, e.g. a classifier) give rewards at every state;
   otherwise only the final state is scored and only trajectory balance can use the reward.
 
@@ -100,10 +104,16 @@ class PrefixReward(ABC):
             out[i, c] = part[i, : len(c)]
         return out.clamp(min=self.floor)
 
-    def stop_term(self, lm, ppass, states) -> torch.Tensor:
+    def stop_term(self, lm, ppass, trajs, states) -> torch.Tensor:
+        """log p0(⊤ | x, z_1:m) at every state, except the final state of a trajectory cut at its maximum length:
+        the target truncates there (a particle that has not stopped by T finishes at T, with no stop factor in
+        p0(s | x)), so R(z_1:T) = p0(z_1:T | x) φ(z_1:T) and σ ∝ R is the sampler's σ."""
         rows, cols, slot = _flat_states(states)
         out = torch.zeros(len(states), max(len(s) for s in states), dtype=torch.float64)
         out[rows, slot] = stop_logprobs(lm, ppass, rows, cols, self.stop_ids).double()
+        for i, st in enumerate(states):
+            if not trajs.stopped[i] and st and st[-1] == len(trajs.tokens[i]):
+                out[i, len(st) - 1] = 0.0
         return out
 
     @abstractmethod
@@ -138,7 +148,7 @@ class TemperedReward(PrefixReward):
         self.tau = float(target.potential.tau)
 
     def compute(self, lm, ppass, trajs, states, cum):
-        return (cum + self.stop_term(lm, ppass, states)) / self.tau
+        return (cum + self.stop_term(lm, ppass, trajs, states)) / self.tau
 
 
 class PotentialReward(PrefixReward):
@@ -149,7 +159,7 @@ class PotentialReward(PrefixReward):
         self.prefix_defined = bool(getattr(target.potential, "prefix_defined", False))
 
     def compute(self, lm, ppass, trajs, states, cum):
-        out = cum + self.stop_term(lm, ppass, states)
+        out = cum + self.stop_term(lm, ppass, trajs, states)
         phi = torch.full_like(out, float("-inf"))
         rows, slots, seqs = [], [], []
         for i, st in enumerate(states):
