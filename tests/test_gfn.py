@@ -4,6 +4,7 @@ prefix scoring in a constant number of passes equals per-prefix scoring; buffer,
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import signal
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 from twistlm import Target, ToyLM
-from twistlm.exact import enumerate_target
 from twistlm.cli.app import USAGE_ERROR, run_app
 from twistlm.errors import ConfigError, TwistLMError
+from twistlm.exact import enumerate_target
 from twistlm.gfn.config import GFNConfig
 from twistlm.gfn.objectives import subtb_loss, tb_loss
 from twistlm.gfn.replay import ReplayBuffer, edit_distance
@@ -425,6 +426,28 @@ def test_cli_train_gfn_end_to_end_and_refusals(tmp_path, toy_gfn_task, capsys, o
     assert run_app(argv + ["--overwrite"]) == 0
 
 
+@pytest.mark.parametrize("flag, expected", [([], "tb"), (["--objective", "subtb"], None)])
+def test_cli_train_gfn_takes_the_tasks_recipe_where_no_flag_is_given(tmp_path, monkeypatch, capsys, one_thread,
+                                                                     flag, expected):
+    """A potential scored on complete sequences only (no reward at intermediate states): the generic problem's recipe
+    is trajectory balance, used when --objective is not given; an explicit SubTB is refused with the reason."""
+    def build(lm, max_new_tokens=None, num_prompts=1):
+        pot = FunctionPotential(lambda texts: [-0.5 * len(t) for t in texts], name="short")
+        return Target(lm, prompts=["ab"] * num_prompts, potential=pot, max_new_tokens=max_new_tokens or 3)
+
+    monkeypatch.setitem(TASKS, "toy-final", Task("toy-final", "test task", build))
+    out = tmp_path / "gfn"
+    argv = ["train-gfn", "--task", "toy-final", "--model", "toy", "--out", str(out), "--steps", "2",
+            "--save-steps", "0", "-q", *flag]
+    code = run_app(argv)
+    err = capsys.readouterr().err
+    if expected is None:
+        assert code == USAGE_ERROR and "not defined on prefixes" in err.replace("\n", " ")
+    else:
+        assert code == 0, err
+        assert json.loads((out / "training_config.json").read_text())["objective"] == expected
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -443,7 +466,6 @@ def test_cli_train_gfn_bad_input(tmp_path, toy_gfn_task, capsys, extra, message)
 
 
 def test_arithmetic_problem_without_answers_is_refused(tmp_path, shared_data):
-    import json
 
     from twistlm.gfn.problems import build_problem
 

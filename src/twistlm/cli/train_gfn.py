@@ -66,11 +66,13 @@ def train_gfn(
     task_option: Annotated[
         list[str] | None, typer.Option("--task-option", "-o", help="Task option key=value (repeatable).")
     ] = None,
-    objective: Annotated[str, typer.Option("--objective", help=" | ".join(OBJECTIVES))] = GFNConfig.objective,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer updates.")] = GFNConfig.max_steps,
+    objective: Annotated[
+        str | None, typer.Option("--objective", help=" | ".join(OBJECTIVES) + " (default: the task's recipe).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer updates (default: the recipe's).")] = None,
     learning_rate: Annotated[
-        float, typer.Option("--learning-rate", "--lr", help="AdamW learning rate.")
-    ] = GFNConfig.learning_rate,
+        float | None, typer.Option("--learning-rate", "--lr", help="AdamW learning rate (default: the recipe's).")
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", help="Hub id, model directory, .gguf file, or 'toy' (default: embedded)."),
@@ -94,24 +96,18 @@ def train_gfn(
     from twistlm.gfn.problems import build_problem
     from twistlm.gfn.trainer import GFNTrainer
 
-    get_objective(objective)
+    if objective is not None:
+        get_objective(objective)
     get_task(task)
     options = parse_options(task_option)
     if out.exists() and not out.is_dir():
         raise TwistLMError(f"--out {out} exists and is not a folder")
-    extra = config_options(GFNConfig, parse_options(train_option), FLAG_FIELDS)
-    config = GFNConfig(
-        **extra,
-        output_dir=str(out),
-        objective=objective,
-        learning_rate=learning_rate,
-        max_steps=steps,
-        seed=seed,
-        logging_steps=logging_steps,
-        save_steps=save_steps,
-        resume=resume,
-        overwrite=overwrite,
-    )
+    given = config_options(GFNConfig, parse_options(train_option), FLAG_FIELDS)
+    flags = {"objective": objective, "learning_rate": learning_rate, "max_steps": steps}
+    given.update({k: v for k, v in flags.items() if v is not None})
+    fixed = {"output_dir": str(out), "seed": seed, "logging_steps": logging_steps, "save_steps": save_steps,
+             "resume": resume, "overwrite": overwrite}
+    config = GFNConfig(**given, **fixed)  # the numbers are checked before the model loads
     if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
         raise TwistLMError(f"--out {out} is not empty (another run?); add --resume to continue it or --overwrite")
     if model != TOY_MODEL:
@@ -122,6 +118,8 @@ def train_gfn(
         with err_console.status(f"loading model {model or EMBEDDED_LABEL} …"):
             lm = load_model(model)
     problem = build_problem(task, lm, **options)
+    if problem.config:  # the task's recipe where the user gave nothing
+        config = GFNConfig(**{**problem.config, **given}, **fixed)
     policy = _policy(lm, problem, config)
     run_info = {
         "task": task,
@@ -136,7 +134,7 @@ def train_gfn(
     if not quiet and trainer.accelerator.is_main_process:  # one summary, not one per process
         last = state.log_history[-1] if state.log_history else {}
         summary = " · ".join(f"{k} {last[k]:.4g}" for k, _ in PROGRESS_KEYS if k in last)
-        console.print(f"trained a GFlowNet policy with {objective} for {state.global_step} steps: {summary}",
+        console.print(f"trained a GFlowNet policy with {config.objective} for {state.global_step} steps: {summary}",
                       highlight=False)
         console.print(f"wrote {out} (adapter, gfn_policy.json, training_config.json, {CURVE_NAME})", style="dim",
                       highlight=False)

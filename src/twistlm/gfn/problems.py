@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from twistlm.errors import ConfigError
+from twistlm.gfn.rewards import reward_for
 from twistlm.gfn.sampling import ActionSpace
 from twistlm.gfn.trainer import GFNProblem, GivenTrajectory
 from twistlm.lm import ParticleLM
@@ -34,6 +35,9 @@ ARITHMETIC_REWARD_TEMPERATURE = (1.1, 0.5, 100)
 """Reward temperature ramp: log R / T_R, T_R from 1.1 to 0.5 (the reference recipe, REFERENCES (B)), over 100 steps
 instead of its 150 (our runs are 80 updates, not 2000)."""
 DEFAULT_LABELLED = 10
+FINAL_REWARD_RECIPE = {"objective": "tb"}
+"""GFNConfig values for a target whose reward exists only at the final state (EXPERIMENTS.md, "GFN policy as a
+proposal"): SubTB needs a reward at every prefix."""
 DEFAULT_GENERIC_PROMPTS = 1
 
 ProblemBuilder = Callable[..., GFNProblem]
@@ -113,11 +117,14 @@ def arithmetic_problem(lm: ParticleLM, *, data: str | None = None, homework: str
 
 def generic_problem(task_name: str, lm: ParticleLM, *, prompts: int = DEFAULT_GENERIC_PROMPTS,
                     **options: Any) -> GFNProblem:
-    """Any registered task: ``prompts`` of its prompts as the training set, full vocabulary, its stop tokens."""
+    """Any registered task: ``prompts`` of its prompts as the training set, full vocabulary, its stop tokens, reward
+    temperature 1 (the policy's goal is σ itself). A potential scored on complete sequences only (a classifier, a
+    reward) gives no rewards at intermediate states, so the recipe is trajectory balance (:data:`FINAL_REWARD_RECIPE`)."""
     target = get_task(task_name).build(lm, num_prompts=prompts, **options)
     allowed = torch.ones(lm.vocab_size, dtype=torch.bool)
     space = ActionSpace(allowed, tuple(target.stop_ids), 1, target.max_new_tokens)
-    return GFNProblem(target, space, {}, (1.0, 1.0, 1), {"task_options": options})
+    recipe = {} if reward_for(target, space.stop_ids).prefix_defined else dict(FINAL_REWARD_RECIPE)
+    return GFNProblem(target, space, {}, (1.0, 1.0, 1), {"task_options": options}, recipe)
 
 
 def build_problem(task_name: str, lm: ParticleLM, **options: Any) -> GFNProblem:

@@ -56,13 +56,16 @@ class GivenTrajectory:
 @dataclass
 class GFNProblem:
     """What a task hands the trainer: the target over *all* training prompts, the action space, the labelled
-    trajectories by prompt index, the reward-temperature ramp (start, end, steps) and facts for the policy's JSON."""
+    trajectories by prompt index, the reward-temperature ramp (start, end, steps), facts for the policy's JSON, and
+    ``config``: the task's recipe — :class:`~twistlm.gfn.config.GFNConfig` values that replace the config's defaults
+    where the user gave none (``train-gfn`` applies them; explicit flags win)."""
 
     target: Target
     space: ActionSpace
     given: dict[int, GivenTrajectory] = field(default_factory=dict)
     reward_temperature: tuple[float, float, int] = (1.0, 1.0, 1)
     info: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
 
 
 def reward_temperature(config: GFNConfig, problem: GFNProblem, step: int) -> float:
