@@ -466,7 +466,6 @@ def test_cli_train_gfn_bad_input(tmp_path, toy_gfn_task, capsys, extra, message)
 
 
 def test_arithmetic_problem_without_answers_is_refused(tmp_path, shared_data):
-
     from twistlm.gfn.problems import build_problem
 
     bad = tmp_path / "noanswers.json"
