@@ -133,6 +133,20 @@ def test_bounds_sandwich_log_z_with_hard_constraint(lm, twist, sampler, resample
     assert lower <= exact.log_z <= upper + 0.05
 
 
+def test_pooled_estimates_lie_inside_the_mean_bounds_and_locate_log_z_from_k_1_runs(lm, twist):
+    """With K = 1 runs only, the midpoint of the mean bounds is the ELBO/EUBO midpoint (a KL sum split in halves);
+    the pooled pair (log mean Ẑ, −log mean 1/Ẑ⁺ over the runs) lies inside it and brackets log Z closely."""
+    target = make_target(lm, soft)
+    exact = enumerate_target(target)
+    bounds = log_z_bounds(target, {"base": "base", "twist": twist}, [1], RUNS, sigma_samples(exact, RUNS, 4), seed=5)
+    lower, upper = bounds.tightest()
+    pooled_lower, pooled_upper = bounds.pooled()
+    assert lower <= pooled_lower and pooled_upper <= upper
+    assert upper - lower > 0.3  # the mean K = 1 bounds are loose here
+    assert abs(bounds.best_log_z() - exact.log_z) < 0.05
+    assert bounds.to_dict()["pooled_lower"] == pooled_lower
+
+
 @pytest.mark.parametrize("sampler", ["sis", "smc"])
 def test_bounds_finite_and_tightening_with_soft_potential(lm, twist, sampler):
     target = make_target(lm, soft)

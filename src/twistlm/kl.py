@@ -10,8 +10,11 @@ mean_σ log w − mean_q log w needs no log Z.
 * q samples: K = 1 SIS runs; log Ẑ of such a run is its single weight, log w(s) (``result.log_weights[0]``).
 * σ samples: K = 1 clamped SIS with ``reference=s*`` for each exact sample s*: the clamped particle's weight is
   log w(s*).
-* log Ẑ_best: the exact log Z when given; otherwise the midpoint of the tightest lower/upper bound pair
-  (:meth:`twistlm.bounds.BoundsResult.best_log_z`), treated as a constant (its own error is not in the intervals).
+* log Ẑ_best: the exact log Z when given; otherwise the midpoint of the tightest *pooled* lower/upper pair (each
+  (proposal, K)'s runs averaged before the log: log mean Ẑ and −log mean 1/Ẑ⁺,
+  :meth:`twistlm.bounds.BoundsResult.best_log_z`), treated as a constant (its own error is not in the intervals).
+  Pooling matters with K = 1 runs only: the midpoint of the mean K = 1 bounds is (mean_q log w + mean_σ log w)/2,
+  which would split every KL sum into two equal halves.
 
 Intervals: 95% Student-t over runs for each KL (mean ± t_{0.975, n−1}·s/√n); for the sum, the two means come from
 independent samples, so its standard error is √(se_σ² + se_q²) with Welch–Satterthwaite degrees of freedom. If q gives
