@@ -275,19 +275,20 @@ class BoundsResult:
         return lower, upper
 
     def pooled(self) -> tuple[float, float]:
-        """The tightest pooled pair over every proposal and K: (max of log mean_r Ẑ_r, min of −log mean_r 1/Ẑ⁺_r).
+        """Pooled estimates of log Z from every run: (log mean Ẑ_r, −log mean 1/Ẑ⁺_r), each mean over the runs of
+        every proposal and K together, clamped into the mean bounds of :meth:`tightest`.
 
-        Ẑ_r of a plain run is unbiased for Z and 1/Ẑ⁺_r of a conditional run unbiased for 1/Z, so averaging the R
-        runs before the log gives estimates with R·K particles' worth of precision that still bound log Z from below
-        and above in expectation (Jensen), and by construction lie inside the mean bounds. (±∞ if none; the mean
-        pair of :meth:`tightest` when the per-run values are not kept, e.g. read back from JSON.)"""
-        lowers = [float(log_mean_exp(e.lower_values)) for e in self.entries if e.lower_values.numel()]
-        uppers = [-float(log_mean_exp(-e.upper_values)) for e in self.entries
-                  if e.upper_values is not None and e.upper_values.numel()]
+        Every plain run's Ẑ_r is unbiased for Z and every conditional run's 1/Ẑ⁺_r unbiased for 1/Z, so these grand
+        means have all the runs' particles' worth of precision and still bound log Z from below and above in
+        expectation (Jensen). Pooling across proposals, not picking the best proposal's pooled value, avoids the
+        upward (downward) bias of a maximum (minimum) of noisy estimates. (±∞ if none; the mean pair when the per-run
+        values are not kept, e.g. read back from JSON.)"""
         mean_lower, mean_upper = self.tightest()
-        lower = max(lowers) if lowers else mean_lower
-        upper = min(uppers) if uppers else mean_upper
-        return lower, upper
+        lowers = [e.lower_values.double() for e in self.entries if e.lower_values.numel()]
+        uppers = [e.upper_values.double() for e in self.entries if e.upper_values is not None and e.upper_values.numel()]
+        lower = float(log_mean_exp(torch.cat(lowers))) if lowers else mean_lower
+        upper = -float(log_mean_exp(-torch.cat(uppers))) if uppers else mean_upper
+        return min(max(lower, mean_lower), mean_upper), max(min(upper, mean_upper), mean_lower)
 
     def best_log_z(self) -> float:
         """log Ẑ_best: midpoint of the tightest pooled lower/upper pair (:meth:`pooled`); the lower estimate alone
