@@ -125,6 +125,21 @@ def test_twist_dir_without_config_or_of_unknown_kind(capsys, no_model, tmp_path)
     assert "'bogus'" in _error_line(capsys, BASE + ["--twist", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "--task", "toxicity", "--proposal", "twisted"],
+        ["evaluate", "--task", "toxicity", "--out", "/tmp/never-written"],
+        ["search", "--task", "gsm8k", "--tokens", "512"],
+    ],
+    ids=["sample", "evaluate", "search"],
+)
+def test_a_twist_trained_for_another_task_is_refused_before_loading(capsys, no_model, tmp_path, argv):
+    (tmp_path / "twist_config.json").write_text('{"kind": "linear", "task": "sentiment"}')
+    line = _error_line(capsys, argv + ["--twist", str(tmp_path)])
+    assert "trained for task 'sentiment'" in line and "not '" in line
+
+
 def test_unknown_task(capsys, no_model):
     assert "unknown task 'no-such-task'" in _error_line(capsys, ["sample", "--task", "no-such-task"])
 

@@ -83,14 +83,20 @@ def load_model(name: str | None) -> ParticleLM:
 # --------------------------------------------------------------------------------------------------------- twists
 
 
-def check_twist(path: Path) -> str:
-    """The kind of the twist saved in ``path`` (its config read, the kind checked to be known); no weights are read."""
+def check_twist(path: Path, task: str | None = None) -> str:
+    """The kind of the twist saved in ``path`` (its config read, the kind checked to be known); no weights are read.
+    With ``task``: a twist that records another task (``train-twist`` records it) is refused — its ψ estimates
+    another target's future φ."""
     from twistlm.twists import io
 
     if not path.is_dir():
         raise ConfigError(f"twist directory not found: {path}")
-    kind = str(io.read_config(path).get("kind"))
+    config = io.read_config(path)
+    kind = str(config.get("kind"))
     io.get_twist_kind(kind)
+    trained_for = config.get("task")
+    if task is not None and trained_for is not None and trained_for != task:
+        raise ConfigError(f"twist {path} was trained for task {trained_for!r}, not {task!r}")
     return kind
 
 

@@ -167,7 +167,7 @@ def evaluate(
         raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     twists = list(twist or [])
     for path in twists:
-        check_twist(path)
+        check_twist(path, task)
     task_obj = get_task(task)
     policies = list(policy or [])
     options, horizon = check_policies(policies, task, options, model)  # the policies' task options filled in

@@ -114,7 +114,8 @@ def _check_numbers(
         raise ConfigError(f"--top must be at least 1, got {top}")
 
 
-def _check_sampler(proposal: str, twist: Path | None, resampler: str, policy: Path | None = None) -> None:
+def _check_sampler(proposal: str, twist: Path | None, resampler: str, policy: Path | None = None,
+                   task: str | None = None) -> None:
     if proposal not in PROPOSALS:
         raise ConfigError(f"unknown proposal {proposal!r}; choose from: {', '.join(PROPOSALS)}")
     get_resampler(resampler)
@@ -125,7 +126,7 @@ def _check_sampler(proposal: str, twist: Path | None, resampler: str, policy: Pa
     if policy is not None and proposal != "policy":
         raise ConfigError(f"--policy DIR is a proposal: add --proposal policy (got --proposal {proposal})")
     if twist is not None:
-        check_twist(twist.expanduser())
+        check_twist(twist.expanduser(), task)
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -364,7 +365,7 @@ def sample(
     # Cheap checks first: nothing here loads a model.
     options = parse_options(task_option)
     _check_numbers(particles, max_new_tokens, ess_threshold, top, seed)
-    _check_sampler(proposal, twist, resampler, policy)
+    _check_sampler(proposal, twist, resampler, policy, task)
     if policy is not None:  # its files, its task, and the task options it was trained with (filled in)
         if task is not None:
             get_task(task)

@@ -289,7 +289,7 @@ def search_command(
         raise ConfigError(f"unknown --select {select!r}; choose from: {', '.join(SELECTORS)}")
     get_resampler(resampler)
     if twist is not None:
-        check_twist(twist.expanduser())
+        check_twist(twist.expanduser(), task)
     check_model(model)
     if json_path is not None:
         check_writable(json_path)

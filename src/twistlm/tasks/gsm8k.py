@@ -51,6 +51,8 @@ DEFAULT_DEV_SIZE = 500
 """Rows at the end of the data file held out as the dev split (of the 7,473-row train.jsonl: rows 6974–7473)."""
 ANSWER_KEY = "answer"
 HUB_DATA = "hf"
+HUB_DEFAULT_SPLIT = "train"
+"""The hub split read by default: GSM8K's test split is kept for independent evaluation, never a default."""
 
 BUILTIN_PROBLEMS = (
     ("Tom has 3 boxes with 4 apples in each box. He eats 2 apples. How many apples does he have left?", "10"),
@@ -63,7 +65,8 @@ OPTIONS = {
         None, "GSM8K JSONL path, or 'hf' for openai/gsm8k from the hub (needs `datasets`)", str, optional=True
     ),
     "index": Option(0, "first problem", int, minimum=0),
-    "split": Option("test", "split of the hub data set (data=hf only)", str),
+    "split": Option(HUB_DEFAULT_SPLIT, "split of the hub data set (data=hf only; the test split is for independent "
+                    "evaluation: tune on the dev part of train)", str),
     "variant": Option("corrected", "reward variant", str, choices=("corrected", "recipe")),
     "beta": Option(1.0, "φ = exp(beta · (Σ rewards − 4))", float, minimum=0.0),
     "part": Option("all", "rows of the data: all, train (all but the last dev_size) or dev (the last dev_size)", str,
@@ -82,7 +85,7 @@ def _problems(data: str | None, split: str, part: str, dev_size: int, needed: in
     prompts (system prompt + question) with their gold numbers; ``needed``: with part=all, read only that many."""
     limit = needed if part == "all" else None
     if data is None:
-        if split != "test":
+        if split != HUB_DEFAULT_SPLIT:
             raise ConfigError("task 'gsm8k': split is for data=hf")
         if part != "all":
             raise ConfigError("task 'gsm8k': part (the dev split) needs data=PATH or data=hf")
@@ -90,7 +93,7 @@ def _problems(data: str | None, split: str, part: str, dev_size: int, needed: in
     elif data == HUB_DATA:
         pairs, source = [(e.question, e.gold) for e in load_gsm8k_hf(split=split, limit=limit)], f"openai/gsm8k {split}"
     else:
-        if split != "test":
+        if split != HUB_DEFAULT_SPLIT:
             raise ConfigError("task 'gsm8k': split is for data=hf")
         pairs, source = [(e.question, e.gold) for e in load_gsm8k(data, limit=limit)], data
     rows = [{"question": q, ANSWER_KEY: gold} for q, gold in pairs]
