@@ -303,6 +303,7 @@ class BoundsResult:
 
     def to_dict(self) -> dict:
         lower, upper = self.tightest()
+        pooled_lower, pooled_upper = self.pooled()
         return {
             "sampler": self.sampler,
             "resampler": self.resampler,
@@ -312,8 +313,8 @@ class BoundsResult:
             "seed": self.seed,
             "tightest_lower": lower,
             "tightest_upper": upper,
-            "pooled_lower": self.pooled()[0],
-            "pooled_upper": self.pooled()[1],
+            "pooled_lower": pooled_lower,
+            "pooled_upper": pooled_upper,
             "log_z_best": self.best_log_z(),
             "entries": [e.to_dict() for e in self.entries],
         }

@@ -10,8 +10,8 @@ mean_σ log w − mean_q log w needs no log Z.
 * q samples: K = 1 SIS runs; log Ẑ of such a run is its single weight, log w(s) (``result.log_weights[0]``).
 * σ samples: K = 1 clamped SIS with ``reference=s*`` for each exact sample s*: the clamped particle's weight is
   log w(s*).
-* log Ẑ_best: the exact log Z when given; otherwise the midpoint of the tightest *pooled* lower/upper pair (each
-  (proposal, K)'s runs averaged before the log: log mean Ẑ and −log mean 1/Ẑ⁺,
+* log Ẑ_best: the exact log Z when given; otherwise the midpoint of the *pooled* lower/upper pair (every run of
+  every proposal and K averaged before the log: log mean Ẑ and −log mean 1/Ẑ⁺,
   :meth:`twistlm.bounds.BoundsResult.best_log_z`), treated as a constant (its own error is not in the intervals).
   Pooling matters with K = 1 runs only: the midpoint of the mean K = 1 bounds is (mean_q log w + mean_σ log w)/2,
   which would split every KL sum into two equal halves.

@@ -48,7 +48,7 @@ class EvaluationReport:
     @property
     def log_z_best(self) -> float:
         """Exact log Z (enumeration) if known; else the rejection estimate where no lower bound is finite (see
-        :func:`reference_log_z`); else the midpoint of the tightest pooled bounds."""
+        :func:`reference_log_z`); else the midpoint of the pooled bounds."""
         if self.log_z_exact is not None:
             return self.log_z_exact
         if self.log_z_rejection is not None:
@@ -308,7 +308,7 @@ def markdown_report(report: EvaluationReport) -> str:
     src = {
         "exact": "exact (enumeration)",
         "rejection": "rejection sampler's acceptance rate: no proposal has a finite lower bound",
-        "bounds": "midpoint of the tightest pooled bounds",
+        "bounds": "midpoint of the pooled bounds",
     }[report.log_z_best_source]
     lines += [f"- **log Ẑ_best** = {report.log_z_best:.4f} ({src})", ""]
     lines.append(

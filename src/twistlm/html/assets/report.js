@@ -18,7 +18,7 @@
     return TW.fmt(m) + "  [" + TW.fmt(lo) + ", " + TW.fmt(hi) + "]";
   }
 
-  const sourceText = { exact: "exact, by enumeration", rejection: "from the rejection sampler's acceptance rate", bounds: "midpoint of the tightest pooled bounds" };
+  const sourceText = { exact: "exact, by enumeration", rejection: "from the rejection sampler's acceptance rate", bounds: "midpoint of the pooled bounds" };
   app.appendChild(TW.el("p", { className: "summary" }, [
     TW.el("span", { id: "n-proposals", text: proposals.length }), " proposals · K ∈ {", counts.join(", "), "} (",
     TW.el("span", { id: "n-counts", text: counts.length }), " values) · ", String(b.num_runs), " runs per point · log Ẑ_best = ",
