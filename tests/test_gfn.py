@@ -445,7 +445,8 @@ def test_cli_train_gfn_takes_the_tasks_recipe_where_no_flag_is_given(tmp_path, m
         assert code == USAGE_ERROR and "not defined on prefixes" in err.replace("\n", " ")
     else:
         assert code == 0, err
-        assert json.loads((out / "training_config.json").read_text())["objective"] == expected
+        config = json.loads((out / "training_config.json").read_text())
+        assert config["objective"] == expected and config["tempered_prob"] == 0.0 and config["max_steps"] == 2
 
 
 @pytest.mark.parametrize(
