@@ -134,9 +134,9 @@ def test_sigint_during_sampling_exits_130(tmp_path):
 
         def slow(target, K, callback=None, **kwargs):  # the real sampler, slowed down so the signal lands inside it
             def step(t, T, info):
-                if t == 1:
+                if t == 1:  # wait inside the sampler until the signal comes, however loaded the machine is
                     print("sampling", flush=True)
-                time.sleep(0.2)
+                    time.sleep(60)
             return real(target, K, callback=step, **kwargs)
 
         s.run_smc = slow
