@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import AbstractContextManager, nullcontext
 
 import typer
 from rich.console import Console
@@ -18,6 +19,11 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def loading_status(label: str, quiet: bool) -> AbstractContextManager:
+    """``with loading_status(label, quiet): lm = load_model(name)`` — a "loading model" spinner unless quiet."""
+    return nullcontext() if quiet else err_console.status(f"loading model {label} …")
 
 USAGE_ERROR = 2
 INTERRUPTED = 130

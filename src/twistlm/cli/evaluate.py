@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from twistlm.bounds import Proposal
-from twistlm.cli.app import app, console, err_console
+from twistlm.cli.app import app, console, err_console, loading_status
 from twistlm.cli.common import (
     TOY_MODEL,
     check_model,
@@ -178,11 +178,8 @@ def evaluate(
     if out.exists() and not out.is_dir():
         raise TwistLMError(f"--out {out} exists and is not a folder")
 
-    if quiet:
+    with loading_status(model or 'embedded', quiet):
         lm = load_model(model)
-    else:
-        with err_console.status(f"loading model {model or 'embedded'} …"):
-            lm = load_model(model)
     target = task_obj.build(lm, max_new_tokens=max_new_tokens, **options)
     proposals: dict[str, Any] = {"base": "base"}
     for name, path in zip(_twist_names(twists), twists):

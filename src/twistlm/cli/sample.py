@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from twistlm.cli.app import app, console, err_console
+from twistlm.cli.app import app, console, err_console, loading_status
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     check_model,
@@ -432,11 +432,8 @@ def _run(
 ) -> None:
     """Load the model, build the target, sample, print, and write the JSON (and HTML) output."""
     start = time.perf_counter()
-    if quiet:
+    with loading_status(settings.model, quiet):
         lm = load_model(model)
-    else:
-        with err_console.status(f"loading model {settings.model} …"):
-            lm = load_model(model)
     task_name = task.name if task is not None else None
     policy = load_policy_lm(Path(settings.policy), model, lm, task_name) if settings.policy is not None else None
     loaded = time.perf_counter()

@@ -23,7 +23,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from twistlm.cli.app import app, console, err_console
+from twistlm.cli.app import app, console, err_console, loading_status
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     check_model,
@@ -318,11 +318,8 @@ def search_command(
 def _run(settings: Settings, model: str | None, task: Task, twist_path: Path | None, json_path: Path | None,
          quiet: bool, data=None) -> None:
     start = time.perf_counter()
-    if quiet:
+    with loading_status(settings.model, quiet):
         lm = load_model(model)
-    else:
-        with err_console.status(f"loading model {settings.model} …"):
-            lm = load_model(model)
     twist = load_twist(twist_path, lm) if twist_path is not None else None
     target, source = _questions(lm, task, settings, data)
     settings.max_new_tokens = target.max_new_tokens

@@ -21,7 +21,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from twistlm.cli.app import app, console, err_console
+from twistlm.cli.app import app, console, err_console, loading_status
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     check_model,
@@ -283,11 +283,8 @@ def solve_command(
 
 def _run(settings: Settings, model: str | None, task: Task, policy: Path | None, json_path: Path | None, quiet: bool):
     start = time.perf_counter()
-    if quiet:
+    with loading_status(settings.model, quiet):
         lm = load_model(model)
-    else:
-        with err_console.status(f"loading model {settings.model} …"):
-            lm = load_model(model)
     model_label = lm.name if model is None else settings.model
     decoder = None
     if policy is not None:

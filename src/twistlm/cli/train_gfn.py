@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from twistlm.cli.app import app, console, err_console
+from twistlm.cli.app import app, console, loading_status
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     TOY_MODEL,
@@ -112,11 +112,8 @@ def train_gfn(
         raise TwistLMError(f"--out {out} is not empty (another run?); add --resume to continue it or --overwrite")
     if model != TOY_MODEL:
         check_model(model)
-    if quiet:
+    with loading_status(model or EMBEDDED_LABEL, quiet):
         lm = load_model(model)
-    else:
-        with err_console.status(f"loading model {model or EMBEDDED_LABEL} …"):
-            lm = load_model(model)
     problem = build_problem(task, lm, **options)
     if problem.config:  # the task's recipe where the user gave nothing
         config = GFNConfig(**{**problem.config, **given}, **fixed)

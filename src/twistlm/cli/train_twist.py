@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from twistlm.cli import prompt_batches
-from twistlm.cli.app import app, console, err_console
+from twistlm.cli.app import app, console, err_console, loading_status
 from twistlm.cli.common import (
     EMBEDDED_LABEL,
     TOY_MODEL,
@@ -161,11 +161,8 @@ def train_twist(
     if model != TOY_MODEL:
         check_model(model)
 
-    if quiet:
+    with loading_status(model or EMBEDDED_LABEL, quiet):
         lm = load_model(model)
-    else:
-        with err_console.status(f"loading model {model or EMBEDDED_LABEL} …"):
-            lm = load_model(model)
     target, dataset_note = prompt_batches.training_target(task_obj, lm, max_new_tokens, options,
                                                           config.prompts_per_step)
     if dataset_note and not quiet:
