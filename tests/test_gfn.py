@@ -110,8 +110,9 @@ def make_trainer(problem, tmp_path, **overrides) -> GFNTrainer:
         # Replay concentrates updates on 8 trajectories: at lr 0.2 the tabular policy oscillates around q ∝ R.
         ("subtb", {"replay_prob": 0.5, "buffer_capacity": 8, "learning_rate": 0.1, "max_steps": 400}),
         ("subtb", {"epsilon": 0.3}),
+        ("vargrad", {}),
     ],
-    ids=["subtb", "tb", "subtb-tempered", "subtb-replay", "subtb-epsilon"],
+    ids=["subtb", "tb", "subtb-tempered", "subtb-replay", "subtb-epsilon", "vargrad"],
 )
 def test_objectives_drive_the_policy_to_sigma(tmp_path, one_thread, objective, extra):
     """200 updates × 16 trajectories (TB and replay: 400), tabular policy, AdamW lr 0.2 (replay: 0.1): KL(σ‖q) from

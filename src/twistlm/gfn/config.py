@@ -24,7 +24,7 @@ class GFNConfig(LoopConfig):
     """GFlowNet fine-tuning settings (module docstring); the loop's own fields come from ``LoopConfig``."""
 
     output_dir: str = field(default="gfn-out", metadata={"help": "Where checkpoints and the final adapter go."})
-    objective: str = field(default="subtb", metadata={"help": "subtb | tb | sft."})
+    objective: str = field(default="subtb", metadata={"help": "subtb | tb | vargrad | sft."})
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA adapter."})
     max_steps: int = field(default=80, metadata={"help": "Number of optimizer updates."})
     lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "transformers scheduler name."})
@@ -79,6 +79,8 @@ class GFNConfig(LoopConfig):
         for name in ("replay_prob", "tempered_prob", "epsilon"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.objective == "vargrad" and self.samples_per_prompt < 2:
+            raise ConfigError("objective 'vargrad' needs samples_per_prompt ≥ 2 (a variance over each prompt's samples)")
         if self.replay_prob + self.tempered_prob > 1.0:
             raise ConfigError("replay_prob + tempered_prob must not exceed 1")
         if not 0 < self.temperature_low <= self.temperature_high:

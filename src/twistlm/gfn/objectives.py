@@ -20,6 +20,13 @@ log-probabilities, log R(s_i ⊤) the reward of stopping at s_i, divided by the 
   "VarGrad" form, which needs no learned Z and is valid off-policy). MATH.md's form is the case s_0 terminable,
   where this term vanishes at the same optimum and is left out.
 * ``tb`` — trajectory balance with a learned log Z(x) per prompt: (log Z(x) + log q(z ⊤) − log R(z ⊤))².
+* ``vargrad`` — trajectory balance with log Z(x) estimated, not learned: the variance over each prompt's
+  trajectories in the batch of d = log R(z ⊤) − log q(z ⊤) (the log-variance loss, Richter et al. 2020; zero iff d
+  is the same for every z of a prompt, i.e. q(z ⊤) ∝ R(z ⊤)). It needs no log Z table, so it suits a policy
+  amortized over many prompts or observations each seen a few times (TB's per-prompt log Z would lag behind), and
+  it is valid off-policy. Needs ≥ 2 trajectories per prompt (``samples_per_prompt``), and distinct ones: a batch of
+  identical trajectories has zero variance and gives no gradient (TB's log Z still moves them), so it suits long
+  texts over a large vocabulary, not a peaked policy over a few sequences.
 * ``sft`` — maximum likelihood of given trajectories: −log q(z ⊤) (the supervised baseline on labelled rationales).
 """
 
@@ -87,6 +94,13 @@ def tb_loss(batch: StateBatch, *, log_z: torch.Tensor, **_) -> tuple[torch.Tenso
     return loss, {"tb": loss, "log_z": log_z, "log_reward": batch.final_log_reward()}
 
 
+def vargrad_loss(batch: StateBatch, **_) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-prompt variance of log R(z ⊤) − log q(z ⊤) over the batch (module docstring)."""
+    d = batch.final_log_reward() - batch.trajectory_log_q()
+    loss = _group_variance(d, batch.group, torch.ones_like(d, dtype=torch.bool))
+    return loss, {"vargrad": loss, "log_reward": batch.final_log_reward()}
+
+
 def sft_loss(batch: StateBatch, **_) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Negative log-likelihood per trajectory (mean), stop included."""
     loss = -batch.trajectory_log_q().mean()
@@ -96,6 +110,7 @@ def sft_loss(batch: StateBatch, **_) -> tuple[torch.Tensor, dict[str, torch.Tens
 OBJECTIVES: dict[str, Objective] = {
     "subtb": Objective("subtb", subtb_loss, needs_prefix_rewards=True),
     "tb": Objective("tb", tb_loss, needs_prefix_rewards=False, needs_log_z=True),
+    "vargrad": Objective("vargrad", vargrad_loss, needs_prefix_rewards=False),
     "sft": Objective("sft", sft_loss, needs_prefix_rewards=False, uses_rewards=False),
 }
 

@@ -7,7 +7,7 @@ the frozen base p0 the rewards are computed with. The policy is exposed as an :c
 
 On disk a policy is a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
 ``peft.PeftModel.from_pretrained(base, DIR)``) plus :data:`POLICY_INFO_NAME`, a small JSON naming the base model, its
-vocabulary size, a fingerprint of its tokenizer and the task, so a policy is never silently applied to another model.
+vocabulary size, a fingerprint of its tokenizer, the task and what the policy reads (its ``condition``), so a policy is never silently applied to another model.
 
 As a proposal for SMC next to p0 (``run_smc(..., proposal="policy", policy=...)``), load the policy on its own copy
 of the base model: the adapter is injected into the model it is loaded on, which then computes q_θ, not p0.
@@ -27,12 +27,16 @@ from typing import Any
 import torch
 
 from twistlm.errors import ConfigError, ModelLoadError
+from twistlm.gfn.conditioning import CONDITIONS, get_condition
 from twistlm.lm import HFLM
 
 POLICY_INFO_NAME = "gfn_policy.json"
 ACTION_SPACE_NAME = "action_space.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CONDITION_KEY = "condition"
+DEFAULT_CONDITION = "prompt"
+"""What a policy saved without a condition reads: the target's prompts."""
 FINGERPRINT_CHARS = 16
 """Hex digits kept of the tokenizer's SHA-256 fingerprint (64 bits: a collision by chance is not a concern)."""
 
@@ -225,6 +229,10 @@ def check_policy_fits(lm: Any, directory: str | os.PathLike, *, task: str | None
         )
     if task is not None and info.get("task") not in (None, task):
         raise ConfigError(f"policy {directory} was trained for task {info.get('task')!r}, not {task!r}")
+    condition = info.get(CONDITION_KEY, DEFAULT_CONDITION)
+    if condition not in CONDITIONS:
+        raise ConfigError(f"policy {directory} reads its prompt as {condition!r}, which this version does not know "
+                          f"(known: {', '.join(CONDITIONS)})")
     return info
 
 
@@ -233,14 +241,17 @@ def load_policy(lm: HFLM, directory: str | os.PathLike, *, task: str | None = No
 
     A policy trained for another base model, vocabulary, tokenizer or (when ``task`` is given) task is refused with
     a :class:`~twistlm.errors.ConfigError` naming both (:func:`check_policy_fits`). The adapter is injected into
-    ``lm``'s model in place: ``lm`` computes q_θ too from now on (see the module docstring).
+    ``lm``'s model in place: ``lm`` computes q_θ too from now on (see the module docstring). The returned LM carries
+    the policy's prompt rule as ``.condition`` (:mod:`twistlm.gfn.conditioning`; samplers find it there).
     """
     from peft import PeftModel
 
     lm = _require_hf(lm)
-    check_policy_fits(lm, directory, task=task)
+    info = check_policy_fits(lm, directory, task=task)
     try:
         peft_model = PeftModel.from_pretrained(lm.model, str(directory), is_trainable=False)
     except Exception as exc:  # a corrupted adapter file surfaces as many different exception types  # noqa: BLE001
         raise ModelLoadError(f"cannot load the adapter in {directory}: {exc}") from None
-    return _policy_lm(peft_model, lm)
+    policy = _policy_lm(peft_model, lm)
+    policy.condition = get_condition(info.get(CONDITION_KEY, DEFAULT_CONDITION))  # type: ignore[attr-defined]
+    return policy

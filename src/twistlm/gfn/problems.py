@@ -6,8 +6,14 @@ trajectories and the task's recipe defaults (registry ``PROBLEMS``; any other ta
   (default: ``homework.json`` beside ``data``). Target: the task's latent form (``form=latent``): rationales z up to
   ".", reward p0(x z "." " The answer is y."), the calculator on. Actions: tokens made only of digits, spaces and
   ``+ - = ,`` plus the stop "." (the reference's vocabulary restriction), 6 to 28 actions.
+* ``infilling`` in BDMC mode (``twistlm evaluate``'s infilling problem): ``prompts`` (default
+  :data:`BDMC_TRAIN_PROMPTS`) self-generated endings o of the prompt (drawn from :data:`BDMC_TRAIN_SEED` on), the
+  policy reading o (condition
+  ``observation``), exactly T actions (the target gives any other span length φ = 0), recipe :data:`EXACT_SPAN_RECIPE`;
+  in stories mode (``data=``) the true 4th sentences are the labelled trajectories (:func:`true_middles`).
 * any other task — its own target (``prompts`` = how many of its prompts, from ``index``), the full vocabulary, its
-  stop tokens, 1 to T actions.
+  stop tokens, 1 to T actions; a target with observations (``extras["observation"]``: infilling stories,
+  subjectivity) gets a policy that reads them (:func:`~twistlm.gfn.conditioning.default_condition`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 
 from twistlm.errors import ConfigError
+from twistlm.gfn.conditioning import default_condition
 from twistlm.gfn.rewards import reward_for
 from twistlm.gfn.sampling import ActionSpace
 from twistlm.gfn.trainer import GFNProblem, GivenTrajectory
@@ -41,6 +48,16 @@ proposals"): trajectory balance, since SubTB needs a reward at every prefix; 300
 log Z for every trajectory converges more slowly than SubTB's flows); no tempered behaviour (¾ on-policy, ¼ replay):
 with τ ~ U[0.5, 2] half the updates went to text far from σ and TB did not converge (sentiment KL sum 6.41 vs 3.27)."""
 DEFAULT_GENERIC_PROMPTS = 1
+BDMC_TRAIN_PROMPTS = 256
+"""Training endings of the BDMC infilling policy: each prompt is one BDMC draw (x, o), so the policy is amortized over
+256 observations, each seen ≈ 5 times in 300 updates of 4 prompts."""
+BDMC_TRAIN_SEED = 10_000
+"""Default ``seed`` of the training draws: draw b uses seed + b, far from the seeds ``evaluate --seed`` draws its
+held-out endings with, so the policy is measured on observations it was not trained on."""
+EXACT_SPAN_RECIPE = {"objective": "vargrad", "max_steps": 300, "tempered_prob": 0.0, "replay_prob": 0.0}
+"""GFNConfig values for BDMC infilling: the reward exists only at the final state, and with 256 observations seen a
+few times each TB's per-prompt log Z table would lag behind, so log-variance (``vargrad``, log Z estimated per batch);
+on-policy only (a prompt's replay buffer holds a handful of trajectories, often all alike: zero variance)."""
 
 ProblemBuilder = Callable[..., GFNProblem]
 PROBLEMS: dict[str, ProblemBuilder] = {}
@@ -126,7 +143,56 @@ def generic_problem(task_name: str, lm: ParticleLM, *, prompts: int = DEFAULT_GE
     allowed = torch.ones(lm.vocab_size, dtype=torch.bool)
     space = ActionSpace(allowed, tuple(target.stop_ids), 1, target.max_new_tokens)
     recipe = {} if reward_for(target, space.stop_ids).prefix_defined else dict(FINAL_REWARD_RECIPE)
-    return GFNProblem(target, space, {}, (1.0, 1.0, 1), {"task_options": options}, recipe)
+    return GFNProblem(target, space, {}, (1.0, 1.0, 1), {"task_options": options}, recipe,
+                      condition=default_condition(target))
+
+
+@register_problem("infilling")
+def infilling_problem(lm: ParticleLM, *, prompts: int | None = None, **options: Any) -> GFNProblem:
+    """BDMC mode: many endings, exactly T actions and its recipe; stories mode: the period as the one stop (module
+    docstring). The policy reads the ending in both."""
+    from twistlm.bdmc import ExactSpanPotential
+
+    bdmc = options.get("mode") == "bdmc" or (options.get("mode") is None and options.get("data") is None)
+    count = prompts if prompts is not None else (BDMC_TRAIN_PROMPTS if bdmc else DEFAULT_GENERIC_PROMPTS)
+    if bdmc:
+        options.setdefault("seed", BDMC_TRAIN_SEED)
+    target = get_task("infilling").build(lm, num_prompts=count, **options)
+    T, allowed = target.max_new_tokens, torch.ones(lm.vocab_size, dtype=torch.bool)
+    info = {"task_options": options}
+    if isinstance(target.potential, ExactSpanPotential):
+        space = ActionSpace(allowed, tuple(target.stop_ids), T, T)
+        return GFNProblem(target, space, {}, (1.0, 1.0, 1), info, dict(EXACT_SPAN_RECIPE), condition="observation")
+    allowed[list(target.stop_ids)] = False  # other sentence ends would end the target's sentence too
+    space = ActionSpace(allowed, (period_token(lm),), 1, T)
+    problem = GFNProblem(target, space, {}, (1.0, 1.0, 1), info, condition="observation")
+    problem.given = true_middles(problem)
+    info["labelled"] = len(problem.given)
+    return problem
+
+
+def period_token(lm: ParticleLM) -> int:
+    """The token of "." — the stop action of a story sentence: the likelihood reward scores the ending after one stop
+    token (R(z ⊤) = p0(z "." y | x)); sentences ending on "!" or "?" are outside the policy's space."""
+    ids = lm.tokenize(".")
+    if len(ids) != 1:
+        raise ConfigError(f"'.' is {len(ids)} tokens for this tokenizer; the story infilling policy needs one")
+    return ids[0]
+
+
+def true_middles(problem: GFNProblem) -> dict[int, GivenTrajectory]:
+    """Story Cloze's true 4th sentences as trajectories (for ``sft``, and seeding the GFN's replay buffer as the
+    reference does): the tokens of " " + sentence, its final sentence-end token as the stop; a sentence that does not
+    end on a stop token or is longer than the policy's ``max_len`` actions is left out."""
+    from twistlm.tasks.infilling import MIDDLE_KEY
+
+    target, space = problem.target, problem.space
+    given = {}
+    for i, middle in enumerate(target.extras[MIDDLE_KEY]):
+        ids = target.lm.tokenize(" " + str(middle).strip())
+        if len(ids) >= 2 and ids[-1] in space.stop_ids and len(ids) - 1 <= space.max_len:
+            given[i] = GivenTrajectory(ids[:-1], [False] * (len(ids) - 1), ids[-1])
+    return given
 
 
 def build_problem(task_name: str, lm: ParticleLM, **options: Any) -> GFNProblem:

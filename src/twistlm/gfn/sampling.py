@@ -22,6 +22,7 @@ import torch
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.gfn.trajectories import Trajectories
 from twistlm.lm import ParticleLM
+from twistlm.policy_proposal import policy_prompt_ids
 from twistlm.resampling import categorical
 
 
@@ -149,8 +150,8 @@ def policy_decoder(space: ActionSpace):
 
     def decode(target, samples: int, temperature: float, generator: torch.Generator) -> list[list[str]]:
         n = 1 if temperature == 0 else samples
-        trajs = sample_trajectories(target.lm, target.prompt_ids, n, space, generator, temperature=temperature,
-                                    tool=target.tool)
+        prompts = policy_prompt_ids(target.lm, target)  # the policy's own prompts (it may read the observation)
+        trajs = sample_trajectories(target.lm, prompts, n, space, generator, temperature=temperature, tool=target.tool)
         texts: list[list[str]] = [[] for _ in range(target.num_prompts)]
         for toks, stop, b in zip(trajs.tokens, trajs.stop_token, trajs.prompt_index):
             texts[b].append(target.lm.decode(toks + ([stop] if stop >= 0 else [])))

@@ -29,8 +29,10 @@ from typing import Any
 import torch
 
 from twistlm.errors import ConfigError
+from twistlm.gfn.conditioning import get_condition
 from twistlm.gfn.config import GFNConfig
 from twistlm.gfn.objectives import get_objective
+from twistlm.gfn.policy import CONDITION_KEY
 from twistlm.gfn.replay import ReplayBuffer
 from twistlm.gfn.rewards import reward_for
 from twistlm.gfn.sampling import ActionSpace, sample_trajectories
@@ -56,7 +58,8 @@ class GivenTrajectory:
 @dataclass
 class GFNProblem:
     """What a task hands the trainer: the target over *all* training prompts, the action space, the labelled
-    trajectories by prompt index, the reward-temperature ramp (start, end, steps), facts for the policy's JSON, and
+    trajectories by prompt index, the reward-temperature ramp (start, end, steps), facts for the policy's JSON,
+    ``condition``: what the policy reads (a name in :data:`twistlm.gfn.conditioning.CONDITIONS`), and
     ``config``: the task's recipe — :class:`~twistlm.gfn.config.GFNConfig` values that replace the config's defaults
     where the user gave none (``train-gfn`` applies them; explicit flags win)."""
 
@@ -66,6 +69,7 @@ class GFNProblem:
     reward_temperature: tuple[float, float, int] = (1.0, 1.0, 1)
     info: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    condition: str = "prompt"
 
 
 def reward_temperature(config: GFNConfig, problem: GFNProblem, step: int) -> float:
@@ -105,6 +109,7 @@ class GFNTrainer(TrainLoop):
                 space.max_len if config.max_len is None else config.max_len,
             )
         self.space = space
+        self.condition = get_condition(problem.condition)
         self.reward = reward_for(target, space.stop_ids, config.reward_floor)
         if self.objective.needs_prefix_rewards and not self.reward.prefix_defined:
             raise ConfigError(
@@ -156,7 +161,7 @@ class GFNTrainer(TrainLoop):
             tau = cfg.temperature_low + (cfg.temperature_high - cfg.temperature_low) * r
         mode = "policy" if tau == 1.0 else "tempered"
         trajs = sample_trajectories(
-            self.policy.lm, sub.prompt_ids, cfg.samples_per_prompt, self.space, self.generator,
+            self.policy.lm, self.condition(sub), cfg.samples_per_prompt, self.space, self.generator,
             temperature=tau, epsilon=cfg.epsilon, tool=sub.tool, source=mode,
         )
         return trajs, mode, tau
@@ -175,7 +180,7 @@ class GFNTrainer(TrainLoop):
         rows = torch.tensor([i for i, st in enumerate(states) for _ in st])
         slots = torch.tensor([a for st in states for a in range(len(st))])
         cols = torch.tensor([m for st in states for m in st])
-        logp = self.policy.log_probs_at(sub.prompt_ids, trajs, rows, cols)
+        logp = self.policy.log_probs_at(self.condition(sub), trajs, rows, cols)
         after_tool = torch.tensor([m > 0 and trajs.forced[i][m - 1] for i, st in enumerate(states) for m in st])
         logq = self.space.log_probs(logp, slots, after_tool)
         n, S = terminable.shape
@@ -285,7 +290,8 @@ class GFNTrainer(TrainLoop):
     # -- what the loop saves -----------------------------------------------------------------------------------------
 
     def save_model(self, directory: Path) -> None:
-        self.policy.save_pretrained(directory, task=self.run_info.get("task"), extra=self.problem.info, space=self.space)
+        extra = {**self.problem.info, CONDITION_KEY: self.problem.condition}
+        self.policy.save_pretrained(directory, task=self.run_info.get("task"), extra=extra, space=self.space)
 
     def load_model(self, directory: Path) -> None:
         self.policy.load_weights(directory)
