@@ -30,6 +30,8 @@ from twistlm.kl import KLEstimate, kl_estimates, kl_from_bounds
 from twistlm.target import Target
 
 EXACT_METHODS = ("auto", "rejection", "bdmc", "none")
+BDMC_SLACK, BDMC_MIN_EXTRA = 4, 4
+"""BDMC draws per batch: the runs needed + 1/BDMC_SLACK of them + BDMC_MIN_EXTRA (redrawn when too many stop early)."""
 
 
 @dataclass
@@ -129,9 +131,10 @@ def evaluate(
     elif exact == "bdmc":
         if not ending_tokens:
             raise ConfigError("BDMC needs the number of ending tokens c (ending_tokens)")
-        target, samples, res = infilling_problem(
-            target, num_runs, ending_tokens, seed=seed, batch_size=max_batch_particles
-        )
+        # Early stops are rare over T + c tokens: a batch a little over the runs needed, not max_batch_particles
+        # draws of T + c steps each for a handful of runs.
+        draws = min(max_batch_particles, num_runs + num_runs // BDMC_SLACK + BDMC_MIN_EXTRA)
+        target, samples, res = infilling_problem(target, num_runs, ending_tokens, seed=seed, batch_size=draws)
         info, runs = res.to_dict(), None
     log_z = exact_log_z(target)
     counts = sorted({int(k) for k in particle_counts})

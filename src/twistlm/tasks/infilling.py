@@ -8,7 +8,8 @@ Target: σ(s | o) ∝ p0(s | x) p0(o | x, s), the potential :class:`~twistlm.pot
   the first T tokens s*. For that o, s* is an **exact** posterior sample — of the target conditioned on the span
   having exactly T tokens, so the potential is wrapped in :class:`~twistlm.bdmc.ExactSpanPotential`
   (φ = p0(o | x, s) · 1[|s| = T, no stop token in s]) and draws whose span or ending contain EOS are redrawn. Each of
-  the ``num_prompts`` prompts gets its own draw (its own o). The exact samples are exposed as
+  the ``num_prompts`` prompts gets its own draw (its own o): side by side from ``seed`` when all prompts are the same
+  beginning, else prompt b from seed + b. The exact samples are exposed as
   ``target.extras["exact_sample"]`` (token ids of s*, one per prompt; :func:`exact_samples`) for bounds/KL code, the
   ending as ``extras["observation"]`` (token ids, scored as is: no re-tokenization) and ``extras["observation_text"]``.
   Prompts: ``data=PATH`` story beginnings (sentences 1-3 of a Story Cloze CSV, from ``index``), else ``prompt=TEXT``
@@ -38,6 +39,8 @@ DEFAULT_PROMPT = "Anna wanted to bake a cake for her mother's birthday. She went
 DEFAULT_SPAN_TOKENS = 10
 DEFAULT_STORY_TOKENS = 24
 DEFAULT_ENDING_TOKENS = 8
+SHARED_PROMPT_BATCH = 64
+"""BDMC draws per batch when every prompt is the same beginning."""
 EXACT_SAMPLE_KEY = "exact_sample"
 OBSERVATION_TEXT_KEY = "observation_text"
 MIDDLE_KEY = "middle"
@@ -128,11 +131,15 @@ def build(
         prompts = [prompt or DEFAULT_PROMPT] * B
     base = Target(lm, prompts=prompts, potential=InfillingPotential(lm), max_new_tokens=T)
     _check_context(lm, base.prompt_ids, T, [ending_tokens] * B)
-    pairs = []
-    for b in range(B):
-        # Few draws per batch: early EOS is rare over T + c tokens of story text, and every draw costs T + c steps.
-        result = bdmc_pairs(base, 1, ending_tokens, prompt=b, seed=seed + b, batch_size=4)
-        pairs.append(result.pairs[0])
+    if len(set(prompts)) == 1:
+        # One prompt for all: draw the B pairs side by side (a forward step costs about the same for 1 or 64 rows).
+        pairs = bdmc_pairs(base, B, ending_tokens, prompt=0, seed=seed, batch_size=min(B, SHARED_PROMPT_BATCH)).pairs
+    else:
+        pairs = []
+        for b in range(B):
+            # Few draws per batch: early EOS is rare over T + c tokens of story text, and every draw costs T + c steps.
+            result = bdmc_pairs(base, 1, ending_tokens, prompt=b, seed=seed + b, batch_size=4)
+            pairs.append(result.pairs[0])
     return Target(
         lm,
         prompts=prompts,
