@@ -28,6 +28,9 @@ def test_bleu_is_sacrebleus_corpus_bleu_and_intervals_cover_the_value():
     hyps = ["the cat sat on the mat .", "he went home and slept", "a b c d e", "the dog barked at night"]
     refs = ["the cat sat on a mat .", "she went home early and slept well", "x y z", "the dog barked all night"]
     assert corpus_bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    no_four_gram = (["he went home and slept", "a b c"], ["she went home early and slept well", "a b x"])
+    assert corpus_bleu(*no_four_gram) == pytest.approx(sacrebleu.corpus_bleu(no_four_gram[0], [no_four_gram[1]]).score)
+    assert corpus_bleu(*no_four_gram) > 0
     scores = overlap_scores(hyps, refs, seed=1)
     again = overlap_scores(hyps, refs, seed=1)
     for name, est in scores.items():

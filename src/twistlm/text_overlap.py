@@ -25,6 +25,9 @@ import torch
 from twistlm.errors import ConfigError
 
 MAX_ORDER = 4
+BLEU_SMOOTHING = "exp"
+"""sacrebleu's default for ``corpus_bleu`` (its static ``compute_bleu`` defaults to none: 0 as soon as one n-gram
+order has no match, as happens for short generated sentences)."""
 BOOTSTRAP_SAMPLES = 1000
 Z_95 = 1.959964
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -112,7 +115,7 @@ def _bleu_of(stats: torch.Tensor) -> float:
     total = [int(v) for v in stats.sum(0).tolist()]
     c, r = total[0], total[1]
     matches, totals = total[2 : 2 + MAX_ORDER], total[2 + MAX_ORDER :]
-    return float(BLEU.compute_bleu(matches, totals, c, r).score)
+    return float(BLEU.compute_bleu(matches, totals, c, r, smooth_method=BLEU_SMOOTHING).score)
 
 
 def _bootstrap(per_pair: torch.Tensor, statistic, generator: torch.Generator) -> Interval:
