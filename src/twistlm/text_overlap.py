@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from twistlm.errors import ConfigError
+from twistlm.solve import Z_95
 
 MAX_ORDER = 4
 BLEU_SMOOTHING = "exp"
 """sacrebleu's default for ``corpus_bleu`` (its static ``compute_bleu`` defaults to none: 0 as soon as one n-gram
 order has no match, as happens for short generated sentences)."""
 BOOTSTRAP_SAMPLES = 1000
-Z_95 = 1.959964
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 

@@ -95,7 +95,7 @@ def infill_command(
     available = len(load_storycloze(str(data)))
     if index + limit > available:
         raise ConfigError(f"--index {index} + --limit {limit} exceeds the {available} stories in {data}")
-    from twistlm.gfn.policy import check_policy_fits, load_action_space, read_policy_info
+    from twistlm.gfn.policy import load_action_space, read_policy_info
 
     for path in policies:
         read_policy_info(path.expanduser())  # a missing folder or file is named before any model loads
@@ -106,7 +106,6 @@ def infill_command(
         lm = load_model(model)
         run = {name: METHODS[name] for name in names}
         for name, path in zip(_policy_names(policies), policies):
-            check_policy_fits(lm, path.expanduser(), task=TASK)
             run[name] = policy_method(load_policy_lm(path, model, lm, TASK), load_action_space(path.expanduser()))
     target = get_task(TASK).build(lm, num_prompts=limit, max_new_tokens=max_new_tokens, mode="stories",
                                   data=str(data), index=index)
