@@ -67,6 +67,21 @@ def test_killed_corpus_build_resumes_to_the_same_corpus(target, tmp_path):
     assert grown.num_rows == 2 * 64 and torch.equal(grown.tokens[: 2 * 48], whole.tokens)
 
 
+def test_corpus_drawn_in_shards_equals_one_process_corpus(target, tmp_path):
+    """Shards (i, n) draw chunks c ≡ i mod n; until the last shard is done there is no corpus, then it is the one a
+    single process draws."""
+    whole = build_corpus(target, tmp_path / "whole", 64, seed=2, chunk_particles=16)
+    shared = tmp_path / "shared"
+    assert build_corpus(target, shared, 64, seed=2, chunk_particles=16, shard=(1, 3)) is None
+    assert sorted(p.name for p in shared.glob("chunk-*")) == [CHUNK_NAME.format(1)]
+    assert build_corpus(target, shared, 64, seed=2, chunk_particles=16, shard=(2, 3)) is None
+    sharded = build_corpus(target, shared, 64, seed=2, chunk_particles=16, shard=(0, 3))
+    for name in ("tokens", "lengths", "prompt_index", "log_phi", "hidden"):
+        assert torch.equal(getattr(whole, name), getattr(sharded, name)), name
+    with pytest.raises(ConfigError, match="shard"):
+        build_corpus(target, shared, 64, seed=2, chunk_particles=16, shard=(3, 3))
+
+
 def test_corpus_of_another_target_or_seed_is_refused(lm, target, tmp_path):
     build_corpus(target, tmp_path / "c", 16, seed=0, chunk_particles=16)
     other = Target(lm, prompts=["a", "b"], potential=SoftLetter(), max_new_tokens=2, extras={"label": [0, 1]})

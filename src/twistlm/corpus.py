@@ -16,7 +16,9 @@ with target positives, SIXO, FUDGE; MATH.md "Twist losses") can then reuse the c
 
 The corpus is written in chunks of ``chunk_particles`` samples per prompt, each atomically as it is finished and each
 drawn with its own seed (``seed``, chunk number), so a killed build resumes where it stopped and yields the same
-corpus, and a larger corpus extends a smaller one. ``corpus.json`` records what it was drawn from (model, prompts, horizon, potential, settings); loading it
+corpus, and a larger corpus extends a smaller one. Because a chunk's content depends only on its number, several
+processes can draw one corpus side by side (``shard=(i, n)``: chunks c ≡ i mod n), e.g. one per core or per
+accelerate process, and the union is the corpus one process would have drawn. ``corpus.json`` records what it was drawn from (model, prompts, horizon, potential, settings); loading it
 for another target is refused naming the difference.
 """
 
@@ -145,16 +147,23 @@ def build_corpus(
     seed: int = 0,
     chunk_particles: int = DEFAULT_CHUNK_PARTICLES,
     progress: Callable[[int, int], None] | None = None,
-) -> SampleCorpus:
+    shard: tuple[int, int] = (0, 1),
+) -> SampleCorpus | None:
     """Draw (or finish drawing) at least ``samples_per_prompt`` p0 samples per prompt of ``target`` into
     ``directory``: ⌈samples_per_prompt / chunk_particles⌉ whole chunks, so chunk c is the same whatever size is asked
     for and a larger corpus extends a smaller one.
 
     Chunks already on disk are kept (resume, or growth); a folder holding a corpus of another target or drawn with
-    another seed or chunk size is refused. ``progress(done, total)`` is called after every chunk.
+    another seed or chunk size is refused. ``progress(done, total)`` is called after every chunk of this shard.
+
+    ``shard=(i, n)``: draw only chunks c with c mod n = i (module docstring); returns the loaded corpus once every
+    chunk is on disk, else None (the other shards are still drawing; load it when they are done).
     """
     if samples_per_prompt < 1 or chunk_particles < 1:
         raise ConfigError(f"a corpus needs ≥ 1 sample per prompt and per chunk, got {samples_per_prompt}, {chunk_particles}")
+    index, count = shard
+    if not (isinstance(count, int) and isinstance(index, int) and 0 <= index < count):
+        raise ConfigError(f"shard must be (i, n) with 0 ≤ i < n, got {shard!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     wanted = {**corpus_fingerprint(target), "chunk_particles": int(chunk_particles), "seed": int(seed)}
@@ -164,12 +173,15 @@ def build_corpus(
     else:
         atomic_write_text(config_path, json.dumps(wanted, indent=1, sort_keys=True))
     chunks = -(-samples_per_prompt // chunk_particles)
-    for c in range(chunks):
+    mine = range(index, chunks, count)
+    for done, c in enumerate(mine, start=1):
         path = directory / CHUNK_NAME.format(c)
         if not _readable(path):
             atomic_save_safetensors(path, _draw_chunk(target, chunk_particles, seed * CHUNK_SEED_STRIDE + c))
         if progress is not None:
-            progress((c + 1) * chunk_particles, chunks * chunk_particles)
+            progress(done * chunk_particles, len(mine) * chunk_particles)
+    if count > 1 and not all((directory / CHUNK_NAME.format(c)).is_file() for c in range(chunks)):
+        return None
     return load_corpus(directory, target, samples_per_prompt)
 
 

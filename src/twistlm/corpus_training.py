@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from twistlm.corpus import SampleCorpus, build_corpus
+from twistlm.corpus import SampleCorpus, build_corpus, load_corpus
 from twistlm.errors import ConfigError
 from twistlm.losses import Rollouts
 from twistlm.training import TwistTrainer, TwistTrainingConfig
@@ -55,20 +55,27 @@ class CorpusTwistTrainer(TwistTrainer):
         return Path(self.config.corpus_dir) if self.config.corpus_dir else self.output_dir / CORPUS_DIR_NAME
 
     def prepare(self) -> None:
-        """Draw (or finish, or load) the corpus; only the main process draws, the others wait and read it."""
-        if self.accelerator.is_main_process:
-            self.corpus = self._build()
-        self.accelerator.wait_for_everyone()
-        if self.corpus is None:
-            self.corpus = self._build()
+        """Draw (or finish, or load) the corpus: each process draws its share of the chunks side by side (chunks are
+        seeded by their number, so the corpus is the one a single process would draw; every process writes the same
+        ``corpus.json``, atomically), then all read it."""
+        acc = self.accelerator
+        shard = (acc.process_index, acc.num_processes)
+        self.corpus = self._build(shard)
+        if shard[1] > 1:
+            acc.wait_for_everyone()
+            self.corpus = load_corpus(self.corpus_path, self.target, self._samples())
 
-    def _build(self) -> SampleCorpus:
+    def _samples(self) -> int:
+        return self.config.corpus_samples(self.target.max_new_tokens)
+
+    def _build(self, shard: tuple[int, int]) -> SampleCorpus | None:
         return build_corpus(
             self.target,
             self.corpus_path,
-            self.config.corpus_samples(self.target.max_new_tokens),
+            self._samples(),
             seed=self.config.seed,
             progress=self.corpus_progress,
+            shard=shard,
         )
 
     # -- one update --------------------------------------------------------------------------------------------------

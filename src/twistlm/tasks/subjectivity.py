@@ -63,6 +63,28 @@ def observation_for(label: int) -> str:
     return OBSERVATION_TEMPLATE.format(label=SUBJ_LABEL_NAMES[label])
 
 
+DEMO_SEPARATOR = "\n\n"
+
+
+class SubjFormat:
+    """The task's prompt and observation as a :class:`~twistlm.classify.LabelFormat`: classifying by
+    p0(y_l | x, z) normalised over the two labels is the task's own judgment (:func:`read_answers`)."""
+
+    label_names = SUBJ_LABEL_NAMES
+
+    def prompt(self, text: str) -> str:
+        return prompt_for(text)
+
+    def verbalizer(self, label: int) -> str:
+        return observation_for(label)
+
+    def demo(self, text: str, label: int) -> str:
+        return prompt_for(text) + observation_for(label) + DEMO_SEPARATOR
+
+
+LABEL_FORMAT = SubjFormat()
+
+
 def build(lm: ParticleLM, T: int, B: int, *, data: str | None, index: int) -> Target:
     if data is not None:
         rows = [

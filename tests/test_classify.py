@@ -1,0 +1,137 @@
+"""Classification by verbalized labels (twistlm.classify) and ``twistlm classify``.
+
+Exactness: p_θ(l | c) equals the brute-force product of next-token probabilities, normalised over labels, on the toy
+LM and a tiny HF model (both scoring paths), with rationales appended to the context. LoRA SFT drives a tiny HF model
+from chance to every training example right; few-shot writes every demonstration once, in a seeded order; the
+accuracy interval is the Wilson interval; the command's bad input exits 2 with one line before any model loads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_training import CharTokenizer
+
+import twistlm
+from twistlm.classify import Labelled, SFTSettings, accuracy, context_ids, fit, label_log_probs
+from twistlm.cli.app import USAGE_ERROR, run_app
+from twistlm.errors import ConfigError
+from twistlm.solve import wilson_interval
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Letters:
+    """A two-label format over plain letters (the toy LM's and CharTokenizer's alphabet)."""
+
+    label_names = ("no", "yes")
+
+    def prompt(self, text: str) -> str:
+        return text + "c"
+
+    def verbalizer(self, label: int) -> str:
+        return ("ab", "ba")[label]
+
+    def demo(self, text: str, label: int) -> str:
+        return self.prompt(text) + self.verbalizer(label) + "d"
+
+
+def _brute(lm, context, verbalizer) -> float:
+    state = lm.prefill([list(context)], 1)
+    total = 0.0
+    for j, tok in enumerate(verbalizer):
+        total += float(state.logprobs[0, tok])
+        if j + 1 < len(verbalizer):
+            state = lm.step(state, torch.tensor([tok]))
+    return total
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, eos_token_id=0,
+                         bos_token_id=1)
+    return twistlm.HFLM(LlamaForCausalLM(config), CharTokenizer(), name="tiny-llama")
+
+
+@pytest.mark.parametrize("which", ["toy", "hf"])
+def test_label_probabilities_are_the_normalised_verbalizer_likelihoods(which, tiny_hf):
+    lm = twistlm.ToyLM(vocab_size=5, seed=1) if which == "toy" else tiny_hf
+    fmt = Letters()
+    texts, rationales = ["ab", "ba", "bbb"], ["", "a", "ab"]
+    contexts = [context_ids(lm, fmt, t, z) for t, z in zip(texts, rationales)]
+    verbs = [list(lm.encode(v)) if which == "toy" else lm.tokenizer(v, add_special_tokens=False)["input_ids"]
+             for v in ("ab", "ba")]
+    got = label_log_probs(lm, contexts, verbs, batch_size=2)
+    for i, c in enumerate(contexts):
+        raw = torch.tensor([_brute(lm, c, v) for v in verbs], dtype=torch.float64)
+        assert torch.allclose(got[i], torch.log_softmax(raw, 0), atol=1e-5)
+    assert contexts[2][-2:] == (lm.encode("ab") if which == "toy" else [2, 3])  # the rationale follows the prompt
+
+
+def test_lora_sft_fits_the_labelled_examples(tiny_hf):
+    """Labels that depend only on the first letter: chance before, every example right after SFT."""
+    import copy
+
+    lm = twistlm.HFLM(copy.deepcopy(tiny_hf.model), CharTokenizer(), name="tiny-copy")
+    fmt = Letters()
+    data = [Labelled(t, int(t[0] == "b")) for t in ("aab", "abb", "aba", "bab", "bba", "baa", "aaa", "bbb")]
+    texts, gold = [d.text for d in data], [d.label for d in data]
+    before = fit("zero-shot", lm, fmt, data).predict(texts)
+    assert accuracy(before, gold).value <= 0.75
+    losses = []
+    clf = twistlm.classify.fit_lora_classifier(lm, fmt, data, torch.Generator().manual_seed(0),
+                                                SFTSettings(r=4, learning_rate=3e-3, epochs=80, batch_size=4),
+                                                on_epoch=lambda e, loss: losses.append(loss))
+    assert clf.predict(texts) == gold
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_few_shot_writes_each_demonstration_once_in_a_seeded_order():
+    lm, fmt = twistlm.ToyLM(vocab_size=5, seed=1), Letters()
+    data = [Labelled(t, k % 2) for k, t in enumerate(("a", "b", "aa", "bb", "ab"))]
+    a, b = fit("few-shot", lm, fmt, data, seed=3), fit("few-shot", lm, fmt, data, seed=3)
+    assert a.prefix == b.prefix and sorted(a.prefix.split("d")[:-1]) == sorted(fmt.demo(d.text, d.label)[:-1]
+                                                                               for d in data)
+    orders = {fit("few-shot", lm, fmt, data, seed=s).prefix for s in range(6)}
+    assert len(orders) > 1
+
+
+def test_accuracy_interval_and_refusals():
+    acc = accuracy([1, 0, 1, 1], [1, 1, 1, 1])
+    assert acc.value == 0.75 and acc.interval == wilson_interval(0.75, 4)
+    assert acc.to_dict()["correct"] == 3 and math.isnan(accuracy([], []).value)
+    with pytest.raises(ConfigError, match="predictions"):
+        accuracy([1], [1, 0])
+    with pytest.raises(ConfigError, match="unknown classifier method"):
+        fit("vibes", twistlm.ToyLM(vocab_size=5, seed=1), Letters(), [])
+    with pytest.raises(ConfigError, match="two labels"):
+        label_log_probs(twistlm.ToyLM(vocab_size=5, seed=1), [[0]], [[1]])
+    with pytest.raises(ConfigError, match="Hugging Face"):
+        fit("lora-sft", twistlm.ToyLM(vocab_size=5, seed=1), Letters(), [Labelled("a", 0)])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "vibes"], "unknown classifier method"),
+        (["--limit", "0"], "--limit"),
+        (["--index", "9000"], "exceeds"),
+        (["--lr", "-1"], "--lr"),
+    ],
+)
+def test_classify_command_refuses_bad_input_with_one_line(args, message, shared_data, capsys):
+    subj = shared_data / "subj"
+    code = run_app(["classify", "--labelled", str(subj / "train.10.jsonl"), "--data", str(subj / "train.jsonl"), *args])
+    err = capsys.readouterr().err
+    assert code == USAGE_ERROR and message in err and "Traceback" not in err
+
+
+def test_classify_command_names_a_missing_file(tmp_path, capsys):
+    code = run_app(["classify", "--labelled", str(tmp_path / "none.jsonl"), "--data", str(tmp_path / "x.jsonl")])
+    assert code == USAGE_ERROR and "none.jsonl" in capsys.readouterr().err
