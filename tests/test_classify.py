@@ -135,3 +135,57 @@ def test_classify_command_refuses_bad_input_with_one_line(args, message, shared_
 def test_classify_command_names_a_missing_file(tmp_path, capsys):
     code = run_app(["classify", "--labelled", str(tmp_path / "none.jsonl"), "--data", str(tmp_path / "x.jsonl")])
     assert code == USAGE_ERROR and "none.jsonl" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- latent-rationale EM
+
+
+class LettersWithRationale(Letters):
+    max_rationale_tokens = 2
+
+    def rationale_stop_ids(self, lm):
+        return ()
+
+
+def test_e_step_resamples_rationales_by_the_label_probability():
+    """Each kept rationale is one of the K drawn, chosen ∝ p_θ(y | x, z): frequencies over many picks match."""
+    from twistlm.classify import Classifier
+    from twistlm.latent_em import EMSettings, e_step
+
+    lm, fmt = twistlm.ToyLM(vocab_size=5, seed=1), LettersWithRationale()
+    clf = Classifier(lm, fmt)
+    ex = [Labelled("ab", 1)]
+    gen = torch.Generator().manual_seed(0)
+    kept, _ = e_step(clf, ex, EMSettings(rationales=4, kept=4000), gen)
+    drawn = sorted({k.rationale for k in kept})
+    assert 1 <= len(drawn) <= 4 and all(len(z) <= 2 for z in drawn)
+    # the same draws again (same seed): the pick frequencies follow the weights
+    gen = torch.Generator().manual_seed(0)
+    from twistlm.latent_em import sample_rationales
+
+    zs = sample_rationales(lm, fmt, ["ab"], 4, gen)[0]
+    w = torch.softmax(clf.log_probs(["ab"] * 4, zs)[:, 1], 0)
+    for z in drawn:
+        expected = float(sum(w[j] for j in range(4) if zs[j] == z))
+        observed = sum(k.rationale == z for k in kept) / len(kept)
+        assert abs(observed - expected) < 0.04
+
+
+def test_rationale_classifier_marginalises_its_rationales():
+    from twistlm.latent_em import RationaleClassifier
+
+    lm, fmt = twistlm.ToyLM(vocab_size=5, seed=1), LettersWithRationale()
+    clf = RationaleClassifier(lm, fmt, rationales=3, generator=torch.Generator().manual_seed(2))
+    got = clf.log_probs(["ab", "b"])
+    for i, (x, zs) in enumerate(zip(["ab", "b"], clf.last_rationales)):
+        per = clf.log_probs([x] * 3, zs)
+        assert torch.allclose(got[i], torch.logsumexp(per, 0) - math.log(3))
+        assert torch.allclose(got[i].exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_latent_em_refuses_bad_settings():
+    from twistlm.latent_em import EMSettings, fit_latent_em
+
+    with pytest.raises(ConfigError, match="kept"):
+        fit_latent_em(twistlm.ToyLM(vocab_size=5, seed=1), LettersWithRationale(), [Labelled("a", 0)],
+                      torch.Generator(), EMSettings(kept=0))

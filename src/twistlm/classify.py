@@ -12,7 +12,9 @@ The methods (registry :data:`METHODS`), each fitted on a handful of labelled exa
   format; all of them, in a seeded order);
 * ``lora-sft`` — a LoRA adapter trained on the labelled examples alone by cross-entropy of p_θ(l | c) (the
   supervised baseline; also the M-step classifier p_θ(y | x, z) of latent-rationale EM when the contexts carry
-  sampled rationales).
+  sampled rationales);
+* ``latent-em`` — that classifier reading a rationale z the base model writes, trained by EM and marginalising z
+  (:mod:`twistlm.latent_em`).
 
 Accuracy comes with a 95% Wilson interval (:func:`accuracy`).
 """
@@ -44,6 +46,12 @@ class LabelFormat(Protocol):
 
     def demo(self, text: str, label: int) -> str:
         """A labelled demonstration (prompt + its verbalizer + a separator) for few-shot prompting."""
+
+    max_rationale_tokens: int
+    """Longest rationale z (``latent-em`` only)."""
+
+    def rationale_stop_ids(self, lm: ParticleLM) -> Sequence[int]:
+        """Tokens that end a rationale besides EOS (``latent-em`` only)."""
 
 
 @dataclass(frozen=True)
@@ -136,12 +144,22 @@ def fit_lora_classifier(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Lab
                         settings: SFTSettings | None = None, on_epoch: Callable[[int, float], None] | None = None
                         ) -> Classifier:
     """Attach a LoRA adapter to ``lm`` (in place) and train it by cross-entropy of p_θ(y | x, z) on ``labelled``."""
-    from twistlm.gfn.policy import LoraSettings, attach_lora, peft_model_of
+    from twistlm.gfn.policy import LoraSettings, attach_lora
 
     s = settings or SFTSettings()
     if not labelled:
         raise ConfigError("lora-sft needs at least one labelled example")
     lm = attach_lora(lm, LoraSettings(r=s.r, alpha=s.alpha).peft_config())
+    train_classifier(lm, fmt, labelled, generator, s, on_epoch)
+    return Classifier(lm, fmt)
+
+
+def train_classifier(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Labelled], generator: torch.Generator,
+                     settings: SFTSettings, on_epoch: Callable[[int, float], None] | None = None) -> None:
+    """``settings.epochs`` passes of AdamW over ``labelled`` (seeded order) on the adapter already in ``lm``."""
+    from twistlm.gfn.policy import peft_model_of
+
+    s = settings
     model = peft_model_of(lm)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
@@ -165,20 +183,28 @@ def fit_lora_classifier(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Lab
         if on_epoch is not None:
             on_epoch(epoch + 1, total / len(labelled))
     model.eval()
-    return Classifier(lm, fmt)
 
 
 def _lora_sft(lm, fmt, labelled, generator, settings) -> Classifier:
     return fit_lora_classifier(lm, fmt, labelled, generator, settings)
 
 
+def _latent_em(lm, fmt, labelled, generator, settings) -> Classifier:
+    from twistlm.latent_em import EMSettings, fit_latent_em
+
+    return fit_latent_em(lm, fmt, labelled, generator, EMSettings(sft=settings or SFTSettings()))
+
+
 METHODS: dict[str, Callable[..., Classifier]] = {
     "zero-shot": _zero_shot,
     "few-shot": _few_shot,
     "lora-sft": _lora_sft,
+    "latent-em": _latent_em,
 }
-"""Registry: method name → fit(lm, fmt, labelled, generator, settings) -> Classifier. ``lora-sft`` changes ``lm``
-(it attaches an adapter): give it its own copy of the model."""
+"""Registry: method name → fit(lm, fmt, labelled, generator, settings) -> Classifier. ``lora-sft`` and
+``latent-em`` (:mod:`twistlm.latent_em`: the classifier through sampled rationales, trained by EM) change ``lm``
+(they attach an adapter): give each its own copy of the model."""
+ADAPTER_METHODS = ("lora-sft", "latent-em")
 
 
 def fit(method: str, lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Labelled], seed: int = 0,

@@ -43,7 +43,7 @@ def classify_command(
     data: Annotated[Path, typer.Option("--data", help="SUBJ JSONL to score (e.g. subj/train.jsonl).")],
     index: Annotated[int, typer.Option("--index", help="First row of --data scored.")] = 0,
     limit: Annotated[int, typer.Option("--limit", help="Rows scored (labelled sentences are skipped).")] = DEFAULT_LIMIT,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, few-shot, lora-sft.")] = DEFAULT_METHODS,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, few-shot, lora-sft, latent-em.")] = DEFAULT_METHODS,
     epochs: Annotated[int | None, typer.Option("--epochs", help="lora-sft epochs (default: SFTSettings').")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="lora-sft learning rate.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model directory or .gguf file.")] = None,
@@ -53,7 +53,7 @@ def classify_command(
     """Classify SUBJ sentences with zero-shot, few-shot and LoRA-SFT classifiers fitted on a few labelled examples."""
     from dataclasses import asdict, replace
 
-    from twistlm.classify import Labelled, SFTSettings, accuracy, fit
+    from twistlm.classify import ADAPTER_METHODS, Labelled, SFTSettings, accuracy, fit
     from twistlm.data import load_subj
     from twistlm.tasks.subjectivity import LABEL_FORMAT
 
@@ -94,7 +94,7 @@ def classify_command(
     out = {}
     for name in names:
         start = time.perf_counter()
-        own = load_model(model) if name == "lora-sft" else lm  # the adapter goes into the model it is fitted on
+        own = load_model(model) if name in ADAPTER_METHODS else lm  # the adapter goes into the model it is fitted on
         pred = fit(name, own, LABEL_FORMAT, train, seed=seed, settings=settings).predict(texts)
         acc, seconds = accuracy(pred, gold), time.perf_counter() - start
         lo, hi = acc.interval

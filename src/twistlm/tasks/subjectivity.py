@@ -71,6 +71,10 @@ class SubjFormat:
     p0(y_l | x, z) normalised over the two labels is the task's own judgment (:func:`read_answers`)."""
 
     label_names = SUBJ_LABEL_NAMES
+    max_rationale_tokens = DEFAULT_MAX_NEW_TOKENS
+
+    def rationale_stop_ids(self, lm: ParticleLM) -> tuple[int, ...]:
+        return sentence_end_token_ids(lm)
 
     def prompt(self, text: str) -> str:
         return prompt_for(text)
