@@ -123,9 +123,9 @@ def fit_latent_em(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Labelled]
             raise ConfigError(f"{name} must be at least 1, got {getattr(s, name)}")
     lm = attach_lora(lm, LoraSettings(r=s.sft.r, alpha=s.sft.alpha).peft_config())
     clf = RationaleClassifier(lm, fmt, s.predict_rationales, generator)
+    losses: list[float] = []
     for r in range(s.rounds):
         data, ess = e_step(clf, labelled, s, generator)
-        losses: list[float] = []
         train_classifier(lm, fmt, data, generator, s.sft, on_epoch=lambda e, loss: losses.append(loss))
         if on_round is not None:
             on_round(r + 1, {"ess_fraction": ess, "loss": losses[-1], "examples": data})
