@@ -122,11 +122,14 @@ class Classifier:
 
 @dataclass
 class SFTSettings:
-    """LoRA SFT of the label classifier: rank, learning rate, epochs over the labelled set, batch size."""
+    """LoRA SFT of the label classifier: rank, learning rate, epochs over the labelled set, batch size.
+
+    lr 1e-3 was chosen on a tuning split (SUBJ train.jsonl rows 4000–4199, 50 labels): 0.864 accuracy against
+    0.722 at 3e-4 (EXPERIMENTS.md)."""
 
     r: int = 8
     alpha: int = 16
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     epochs: int = 10
     batch_size: int = 8
 

@@ -41,7 +41,7 @@ class EMSettings:
     """E-step / M-step iterations (each M-step continues the same adapter)."""
     rationales: int = 8
     """K rationales drawn from p0(z | x) per labelled example in each E-step."""
-    kept: int = 4
+    kept: int = 2
     """Rationales resampled per labelled example ∝ p_θ(y | x, z) for the M-step."""
     predict_rationales: int = 4
     """M rationales per input when predicting."""
