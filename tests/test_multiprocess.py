@@ -82,3 +82,54 @@ def test_two_process_run_is_disjoint_and_resumes_exactly(tmp_path):
     hist_b = json.loads((killed / "log_history.json").read_text())
     assert hist_a == hist_b
     shutil.rmtree(record)
+
+
+CORPUS_SCRIPT = """
+import os, sys
+sys.path.insert(0, {here!r})
+from test_corpus import _config
+from test_training import SoftLetter
+import twistlm
+from twistlm import Target
+from twistlm.corpus_training import CorpusTwistTrainer
+from twistlm.twists.tabular import TabularTwist
+
+lm = twistlm.ToyLM(vocab_size=5, seed=1)
+target = Target(lm, prompts=["a", "b"], potential=SoftLetter(), max_new_tokens=3, extras={{"label": [0, 1]}})
+drawn = []
+cfg = _config({out!r}, steps=2, corpus_size=512)
+trainer = CorpusTwistTrainer(TabularTwist.for_target(target), target, cfg,
+                             progress=lambda done, total: drawn.append(done))
+trainer.train()
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".txt"), "w") as f:
+    f.write(str(len(drawn)) + " " + str(trainer.corpus.num_rows))
+"""
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this Python")
+def test_two_processes_draw_one_corpus_side_by_side(tmp_path):
+    """Each rank draws one of the corpus's two chunks; both train on the whole corpus, the one a single process
+    draws."""
+    import torch
+
+    from twistlm.corpus import build_corpus, load_corpus
+
+    out = tmp_path / "run"
+    script = tmp_path / "corpus_run.py"
+    script.write_text(CORPUS_SCRIPT.format(here=str(HERE), out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 1000), str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text() == "1 1024"  # one chunk each, all rows
+    sys.path.insert(0, str(HERE))
+    from test_training import SoftLetter
+
+    import twistlm
+
+    lm = twistlm.ToyLM(vocab_size=5, seed=1)
+    target = twistlm.Target(lm, prompts=["a", "b"], potential=SoftLetter(), max_new_tokens=3, extras={"label": [0, 1]})
+    alone = build_corpus(target, tmp_path / "alone", 512, seed=3)
+    shared = load_corpus(out / "corpus", target)
+    assert all(torch.equal(getattr(alone, k), getattr(shared, k)) for k in ("tokens", "log_phi", "hidden"))

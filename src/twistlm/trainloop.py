@@ -246,6 +246,7 @@ class TrainLoop(CheckpointMixin):
             self._resume()
         else:
             self._claim_output_dir()
+        self.accelerator.wait_for_everyone()  # every rank checks the folder before any writes into it (prepare)
         self.prepare()
         self._event("on_train_begin")
         start = time.perf_counter()
