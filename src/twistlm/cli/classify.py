@@ -2,7 +2,8 @@
 
 Flow: cheap checks (numbers, methods, files, output path) → the labelled examples (``--labelled``) and the scored
 rows (``--data`` from ``--index``, ``--limit`` of them, skipping any sentence that is also labelled) → load the model
-→ fit each method (:data:`twistlm.classify.METHODS`; ``lora-sft`` on its own copy of the model) → accuracy with 95%
+→ fit each method (:data:`twistlm.classify.METHODS`; ``lora-sft`` and ``latent-em`` each on its own copy of the
+model) → accuracy with 95%
 Wilson intervals → optionally ``--json OUT`` (atomic) with every prediction.
 """
 
@@ -44,13 +45,14 @@ def classify_command(
     index: Annotated[int, typer.Option("--index", help="First row of --data scored.")] = 0,
     limit: Annotated[int, typer.Option("--limit", help="Rows scored (labelled sentences are skipped).")] = DEFAULT_LIMIT,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, few-shot, lora-sft, latent-em.")] = DEFAULT_METHODS,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="lora-sft epochs (default: SFTSettings').")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="lora-sft learning rate.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs of LoRA SFT (lora-sft, latent-em's M-step; default: SFTSettings').")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="LoRA SFT learning rate (lora-sft, latent-em).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model directory or .gguf file.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (demonstration order, SFT batches).")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every prediction here.")] = None,
 ) -> None:
-    """Classify SUBJ sentences with zero-shot, few-shot and LoRA-SFT classifiers fitted on a few labelled examples."""
+    """Classify SUBJ sentences with zero-shot, few-shot, LoRA-SFT or latent-rationale EM classifiers fitted on a few
+    labelled examples (latent-em is not in the default --methods: it samples rationales, ≈ 40 min for 50 labels here)."""
     from dataclasses import asdict, replace
 
     from twistlm.classify import ADAPTER_METHODS, Labelled, SFTSettings, accuracy, fit
