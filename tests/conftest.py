@@ -25,6 +25,23 @@ def smol():
     return twistlm.load_lm()
 
 
+@pytest.fixture(scope="module")
+def tiny_hf():
+    """A 2-layer random Llama over test_training's CharTokenizer alphabet: an HF model small enough for exact tests
+    (one per test module)."""
+    import torch
+    from test_training import CharTokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import twistlm
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, eos_token_id=0,
+                         bos_token_id=1)
+    return twistlm.HFLM(LlamaForCausalLM(config), CharTokenizer(), name="tiny-llama")
+
+
 @pytest.fixture
 def toy():
     import twistlm

@@ -48,17 +48,6 @@ def _brute(lm, context, verbalizer) -> float:
     return total
 
 
-@pytest.fixture(scope="module")
-def tiny_hf():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, eos_token_id=0,
-                         bos_token_id=1)
-    return twistlm.HFLM(LlamaForCausalLM(config), CharTokenizer(), name="tiny-llama")
-
-
 @pytest.mark.parametrize("which", ["toy", "hf"])
 def test_label_probabilities_are_the_normalised_verbalizer_likelihoods(which, tiny_hf):
     lm = twistlm.ToyLM(vocab_size=5, seed=1) if which == "toy" else tiny_hf

@@ -382,18 +382,6 @@ def test_cli_train_twist_gsm8k_routes_to_dataset_mode(tmp_path, capsys):
 # --------------------------------------------------------------------------------------- one prefill per question
 
 
-@pytest.fixture(scope="module")
-def tiny_hf():
-    from test_training import CharTokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, eos_token_id=0,
-                         bos_token_id=1)
-    return twistlm.HFLM(LlamaForCausalLM(config), CharTokenizer(), name="tiny-llama")
-
-
 def test_long_prompts_are_encoded_once_per_question(tiny_hf):
     """Sampling and the trainer's features feed each question's prompt to the model once, not once per particle;
     the shared-prefill features equal the one-pass-per-row ones."""

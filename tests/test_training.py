@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import twistlm
-from twistlm import HFLM, LinearTwist, Target, TwistContext, enumerate_target, run_smc
+from twistlm import LinearTwist, Target, TwistContext, enumerate_target, run_smc
 from twistlm.cli import common, run_app
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.potentials.base import Potential
@@ -475,25 +475,6 @@ class CharTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(97 + i - 2) for i in ids if i >= 2)
-
-
-@pytest.fixture(scope="module")
-def tiny_hf():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        eos_token_id=0,
-        bos_token_id=1,
-    )
-    return HFLM(LlamaForCausalLM(config), CharTokenizer(), name="tiny-llama")
 
 
 def test_hf_prefix_features_match_the_incremental_lm(tiny_hf):

@@ -61,22 +61,14 @@ class Labelled:
     rationale: str = ""
 
 
-def _ids(lm: ParticleLM, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (the likelihood potentials' convention)."""
-    tokenizer = getattr(lm, "tokenizer", None)
-    if tokenizer is not None:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(lm.encode(text))
-
-
 def context_ids(lm: ParticleLM, fmt: LabelFormat, text: str, rationale: str = "", prefix: str = "") -> list[int]:
     """c = encode(prefix + prompt(x)) + ids(z)."""
     ids = list(lm.encode(prefix + fmt.prompt(text)))
-    return ids + _ids(lm, rationale) if rationale else ids
+    return ids + list(lm.tokenize(rationale)) if rationale else ids
 
 
 def verbalizer_ids(lm: ParticleLM, fmt: LabelFormat) -> list[list[int]]:
-    return [_ids(lm, fmt.verbalizer(l)) for l in range(len(fmt.label_names))]
+    return [list(lm.tokenize(fmt.verbalizer(l))) for l in range(len(fmt.label_names))]
 
 
 def label_log_probs(lm: ParticleLM, contexts: Sequence[Sequence[int]], verbalizers: Sequence[Sequence[int]],
@@ -133,6 +125,12 @@ class SFTSettings:
     epochs: int = 10
     batch_size: int = 8
 
+    def attach(self, lm: ParticleLM) -> ParticleLM:
+        """``lm`` with a fresh LoRA adapter of this rank injected (in place; a Hugging Face model only)."""
+        from twistlm.gfn.policy import LoraSettings, attach_lora
+
+        return attach_lora(lm, LoraSettings(r=self.r, alpha=self.alpha).peft_config())
+
 
 def _zero_shot(lm, fmt, labelled, generator, settings) -> Classifier:
     return Classifier(lm, fmt)
@@ -147,12 +145,10 @@ def fit_lora_classifier(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Lab
                         settings: SFTSettings | None = None, on_epoch: Callable[[int, float], None] | None = None
                         ) -> Classifier:
     """Attach a LoRA adapter to ``lm`` (in place) and train it by cross-entropy of p_θ(y | x, z) on ``labelled``."""
-    from twistlm.gfn.policy import LoraSettings, attach_lora
-
     s = settings or SFTSettings()
     if not labelled:
         raise ConfigError("lora-sft needs at least one labelled example")
-    lm = attach_lora(lm, LoraSettings(r=s.r, alpha=s.alpha).peft_config())
+    lm = s.attach(lm)
     train_classifier(lm, fmt, labelled, generator, s, on_epoch)
     return Classifier(lm, fmt)
 

@@ -84,10 +84,16 @@ class RationaleClassifier(Classifier):
             return super().log_probs(texts, rationales, batch_size)
         zs = sample_rationales(self.lm, self.fmt, list(texts), self.rationales, self.generator)
         self.last_rationales = zs
-        flat_x = [t for t, z in zip(texts, zs) for _ in z]
-        flat_z = [r for z in zs for r in z]
-        lp = super().log_probs(flat_x, flat_z, batch_size).view(len(texts), self.rationales, -1)
+        lp = per_rationale_log_probs(self, texts, zs, batch_size)
         return torch.logsumexp(lp, dim=1) - math.log(self.rationales)
+
+
+def per_rationale_log_probs(clf: Classifier, texts: Sequence[str], zs: Sequence[Sequence[str]],
+                            batch_size: int = 16) -> torch.Tensor:
+    """(N, K, L) log p_θ(l | x_i, z_ik) for the K rationales z_i1 … z_iK of each text."""
+    flat_x = [t for t, z in zip(texts, zs) for _ in z]
+    flat_z = [r for z in zs for r in z]
+    return clf.log_probs(flat_x, flat_z, batch_size).view(len(texts), len(zs[0]), -1)
 
 
 def e_step(clf: Classifier, labelled: Sequence[Labelled], settings: EMSettings, generator: torch.Generator
@@ -96,9 +102,7 @@ def e_step(clf: Classifier, labelled: Sequence[Labelled], settings: EMSettings, 
     also the mean ESS fraction of the weights (how informative the rationales are about the label)."""
     texts = [e.text for e in labelled]
     zs = sample_rationales(clf.lm, clf.fmt, texts, settings.rationales, generator)
-    flat_x = [t for t, z in zip(texts, zs) for _ in z]
-    flat_z = [r for z in zs for r in z]
-    lp = clf.log_probs(flat_x, flat_z).view(len(texts), settings.rationales, -1)
+    lp = per_rationale_log_probs(clf, texts, zs)
     out, ess = [], 0.0
     for i, e in enumerate(labelled):
         logw = lp[i, :, e.label]
@@ -113,15 +117,13 @@ def fit_latent_em(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Labelled]
                   settings: EMSettings | None = None, on_round: Callable[[int, dict], None] | None = None
                   ) -> RationaleClassifier:
     """EM (module docstring) on ``labelled``; attaches a LoRA adapter to ``lm`` in place."""
-    from twistlm.gfn.policy import LoraSettings, attach_lora
-
     s = settings or EMSettings()
     if not labelled:
         raise ConfigError("latent-em needs at least one labelled example")
     for name in ("rounds", "rationales", "kept", "predict_rationales"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(s, name)}")
-    lm = attach_lora(lm, LoraSettings(r=s.sft.r, alpha=s.sft.alpha).peft_config())
+    lm = s.sft.attach(lm)
     clf = RationaleClassifier(lm, fmt, s.predict_rationales, generator)
     losses: list[float] = []
     for r in range(s.rounds):

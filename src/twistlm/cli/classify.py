@@ -17,25 +17,11 @@ import typer
 from rich.table import Table
 
 from twistlm.cli.app import app, console, loading_status
-from twistlm.cli.common import EMBEDDED_LABEL, check_model, check_writable, load_model, write_json
+from twistlm.cli.common import EMBEDDED_LABEL, check_model, check_writable, load_model, method_names, write_json
 from twistlm.errors import ConfigError
 
 DEFAULT_METHODS = "zero-shot,few-shot,lora-sft"
 DEFAULT_LIMIT = 500
-
-
-def _methods(spec: str) -> list[str]:
-    from twistlm.classify import METHODS
-
-    names = [m.strip() for m in spec.split(",") if m.strip()]
-    if not names:
-        raise ConfigError("--methods is empty")
-    for name in names:
-        if name not in METHODS:
-            raise ConfigError(f"unknown classifier method {name!r}; choose from: {', '.join(METHODS)}")
-    if len(set(names)) != len(names):
-        raise ConfigError("--methods lists a method twice")
-    return names
 
 
 @app.command("classify")
@@ -67,7 +53,11 @@ def classify_command(
         raise ConfigError(f"--epochs must be at least 1, got {epochs}")
     if learning_rate is not None and not learning_rate > 0:
         raise ConfigError(f"--lr must be positive, got {learning_rate}")
-    names = _methods(methods)
+    from twistlm.classify import METHODS
+
+    names = method_names(methods, METHODS, "classifier method")
+    if not names:
+        raise ConfigError("--methods is empty")
     for flag, path in (("--labelled", labelled), ("--data", data)):
         if not path.is_file():
             raise ConfigError(f"{flag} {path}: no such file")

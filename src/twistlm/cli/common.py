@@ -194,6 +194,18 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def method_names(spec: str, registry: Any, what: str, hint: str = "") -> list[str]:
+    """``"a,b"`` → ``["a", "b"]``, each a key of ``registry`` (else one line naming ``what`` and the choices, plus
+    ``hint``), none twice; an empty spec gives []."""
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    for name in names:
+        if name not in registry:
+            raise ConfigError(f"unknown {what} {name!r}; choose from: {', '.join(registry)}{hint}")
+    if len(set(names)) != len(names):
+        raise ConfigError("--methods lists a method twice")
+    return names
+
+
 # ------------------------------------------------------------------------------------------------------------ json
 
 

@@ -16,7 +16,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from twistlm.cli.app import app, console, err_console, loading_status
-from twistlm.cli.common import EMBEDDED_LABEL, check_model, check_writable, load_model, load_policy_lm, write_json
+from twistlm.cli.common import (
+    EMBEDDED_LABEL,
+    check_model,
+    check_writable,
+    load_model,
+    load_policy_lm,
+    method_names,
+    write_json,
+)
 from twistlm.errors import ConfigError
 from twistlm.infill_eval import DEFAULT_BATCH, DEFAULT_PARTICLES, METHODS, infill, policy_method
 from twistlm.tasks.registry import get_task
@@ -25,16 +33,6 @@ from twistlm.text_overlap import check_scorers
 TASK = "infilling"
 DEFAULT_METHODS = "p0,prompt,smc"
 DEFAULT_LIMIT = 100
-
-
-def _methods(spec: str) -> list[str]:
-    names = [m.strip() for m in spec.split(",") if m.strip()]
-    for name in names:
-        if name not in METHODS:
-            raise ConfigError(f"unknown infill method {name!r}; choose from: {', '.join(METHODS)} (and --policy DIR)")
-    if len(set(names)) != len(names):
-        raise ConfigError("--methods lists a method twice")
-    return names
 
 
 def _policy_names(policies: list[Path]) -> list[str]:
@@ -82,7 +80,7 @@ def infill_command(
         raise ConfigError(f"--index must be ≥ 0, got {index}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    names = _methods(methods)
+    names = method_names(methods, METHODS, "infill method", " (and --policy DIR)")
     policies = list(policy or [])
     if not names and not policies:
         raise ConfigError("nothing to run: give --methods and/or --policy")
