@@ -121,6 +121,32 @@ def test_classify_command_refuses_bad_input_with_one_line(args, message, shared_
     assert code == USAGE_ERROR and message in err and "Traceback" not in err
 
 
+def test_classify_command_checks_the_policy_before_loading(tmp_path, shared_data, capsys):
+    subj = shared_data / "subj"
+    args = ["classify", "--labelled", str(subj / "train.10.jsonl"), "--data", str(subj / "train.jsonl")]
+    assert run_app([*args, "--policy", str(tmp_path)]) == USAGE_ERROR
+    assert "add latent-em to --methods" in capsys.readouterr().err
+    assert run_app([*args, "--methods", "latent-em", "--policy", str(tmp_path / "gone")]) == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert "gone" in err and "Traceback" not in err
+
+
+@pytest.mark.model
+def test_the_subjectivity_gfn_problem_has_one_stop_and_reads_the_sentence_only(smol, shared_data):
+    from twistlm.gfn.problems import SUBJECTIVITY_RECIPE, build_problem, period_token
+    from twistlm.gfn.rewards import reward_for
+
+    problem = build_problem("subjectivity", smol, data=str(shared_data / "subj/train.10.jsonl"))
+    target = problem.target
+    assert target.num_prompts == 10 and problem.condition == "prompt" and problem.config == SUBJECTIVITY_RECIPE
+    assert problem.space.stop_ids == (period_token(smol),)
+    other_stops = [t for t in target.stop_ids if t != period_token(smol)]
+    assert other_stops and not bool(problem.space.allowed[other_stops].any())
+    assert reward_for(target, problem.space.stop_ids).prefix_defined  # SubTB can use it
+    with pytest.raises(ConfigError, match="no subjectivity examples"):
+        build_problem("subjectivity", smol, data=str(shared_data / "subj/train.10.jsonl"), index=10)
+
+
 def test_classify_command_names_a_missing_file(tmp_path, capsys):
     code = run_app(["classify", "--labelled", str(tmp_path / "none.jsonl"), "--data", str(tmp_path / "x.jsonl")])
     assert code == USAGE_ERROR and "none.jsonl" in capsys.readouterr().err
@@ -160,6 +186,33 @@ def test_e_step_resamples_rationales_by_the_label_probability():
         assert abs(observed - expected) < 0.04
 
 
+def test_e_step_with_a_policy_proposal_picks_from_the_exact_posterior():
+    """SIR from another LM q (the policy's role) with weights p0(z | x) p_θ(y | x, z) / q(z | x, y): the kept
+    rationales follow σ(z | x, y) ∝ p0(z | x) p_θ(y | x, z), enumerated; q = p0 gives log ratios of exactly 0."""
+    from collections import Counter
+
+    from twistlm.classify import Classifier
+    from twistlm.exact import enumerate_target
+    from twistlm.latent_em import EMSettings, PolicyRationales, e_step
+
+    lm, fmt = twistlm.ToyLM(vocab_size=5, seed=1), LettersWithRationale()
+    clf, ex = Classifier(lm, fmt), [Labelled("ab", 1)]
+    exact = enumerate_target(twistlm.Target(lm, prompts=[fmt.prompt("ab")], max_new_tokens=2, stop_token_ids=()))
+    texts = [lm.decode(list(z)) for z in exact.sequences]
+    log_post = exact.log_p0 + clf.log_probs(["ab"] * len(texts), texts)[:, 1]
+    post = Counter()
+    for z, p in zip(texts, torch.softmax(log_post, 0).tolist()):
+        post[z] += p
+    policy = PolicyRationales(twistlm.ToyLM(vocab_size=5, seed=7))
+    kept, ess = e_step(clf, ex, EMSettings(rationales=20000, kept=8000), torch.Generator().manual_seed(0), policy)
+    got = Counter(k.rationale for k in kept)
+    assert 0.01 < ess < 0.5  # q is far from the posterior (the weights do the work)
+    for z in set(post) | set(got):
+        assert abs(got[z] / len(kept) - post[z]) < 0.04, z  # ESS ≈ 2,700 of 20,000: sd ≈ 0.011
+    _, ratio = PolicyRationales(twistlm.ToyLM(vocab_size=5, seed=1)).draw(lm, fmt, ["ab"], 50, torch.Generator())
+    assert ratio.shape == (1, 50) and float(ratio.abs().max()) < 1e-9
+
+
 def test_rationale_classifier_marginalises_its_rationales():
     from twistlm.latent_em import RationaleClassifier
 
@@ -170,6 +223,19 @@ def test_rationale_classifier_marginalises_its_rationales():
         per = clf.log_probs([x] * 3, zs)
         assert torch.allclose(got[i], torch.logsumexp(per, 0) - math.log(3))
         assert torch.allclose(got[i].exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_rationale_classifier_predicts_from_the_policys_rationales():
+    """With a sampler, prediction averages p_θ(y | x, z) over the policy's rationales (seeded: the same draws)."""
+    from twistlm.latent_em import PolicyRationales, RationaleClassifier
+
+    lm, fmt = twistlm.ToyLM(vocab_size=5, seed=1), LettersWithRationale()
+    sampler = PolicyRationales(twistlm.ToyLM(vocab_size=5, seed=7))
+    clf = RationaleClassifier(lm, fmt, 3, torch.Generator().manual_seed(2), sampler)
+    got = clf.log_probs(["ab"])
+    zs, _ = sampler.draw(lm, fmt, ["ab"], 3, torch.Generator().manual_seed(2))
+    assert clf.last_rationales == zs
+    assert torch.allclose(got[0], torch.logsumexp(clf.log_probs(["ab"] * 3, zs[0]), 0) - math.log(3))
 
 
 def test_latent_em_refuses_bad_settings():

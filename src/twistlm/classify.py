@@ -132,11 +132,11 @@ class SFTSettings:
         return attach_lora(lm, LoraSettings(r=self.r, alpha=self.alpha).peft_config())
 
 
-def _zero_shot(lm, fmt, labelled, generator, settings) -> Classifier:
+def _zero_shot(lm, fmt, labelled, generator, settings, sampler=None) -> Classifier:
     return Classifier(lm, fmt)
 
 
-def _few_shot(lm, fmt, labelled, generator, settings) -> Classifier:
+def _few_shot(lm, fmt, labelled, generator, settings, sampler=None) -> Classifier:
     order = torch.randperm(len(labelled), generator=generator).tolist()
     return Classifier(lm, fmt, "".join(fmt.demo(labelled[i].text, labelled[i].label) for i in order))
 
@@ -184,14 +184,14 @@ def train_classifier(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Labell
     model.eval()
 
 
-def _lora_sft(lm, fmt, labelled, generator, settings) -> Classifier:
+def _lora_sft(lm, fmt, labelled, generator, settings, sampler=None) -> Classifier:
     return fit_lora_classifier(lm, fmt, labelled, generator, settings)
 
 
-def _latent_em(lm, fmt, labelled, generator, settings) -> Classifier:
+def _latent_em(lm, fmt, labelled, generator, settings, sampler=None) -> Classifier:
     from twistlm.latent_em import EMSettings, fit_latent_em
 
-    return fit_latent_em(lm, fmt, labelled, generator, EMSettings(sft=settings or SFTSettings()))
+    return fit_latent_em(lm, fmt, labelled, generator, EMSettings(sft=settings or SFTSettings()), sampler=sampler)
 
 
 METHODS: dict[str, Callable[..., Classifier]] = {
@@ -200,17 +200,19 @@ METHODS: dict[str, Callable[..., Classifier]] = {
     "lora-sft": _lora_sft,
     "latent-em": _latent_em,
 }
-"""Registry: method name → fit(lm, fmt, labelled, generator, settings) -> Classifier. ``lora-sft`` and
+"""Registry: method name → fit(lm, fmt, labelled, generator, settings, sampler=None) -> Classifier (``sampler``: the
+rationale proposal of latent-em's E-step, :class:`twistlm.latent_em.PolicyRationales`; the others draw no
+rationales and ignore it). ``lora-sft`` and
 ``latent-em`` (:mod:`twistlm.latent_em`: the classifier through sampled rationales, trained by EM) change ``lm``
 (they attach an adapter): give each its own copy of the model."""
 ADAPTER_METHODS = ("lora-sft", "latent-em")
 
 
 def fit(method: str, lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Labelled], seed: int = 0,
-        settings: SFTSettings | None = None) -> Classifier:
+        settings: SFTSettings | None = None, sampler=None) -> Classifier:
     if method not in METHODS:
         raise ConfigError(f"unknown classifier method {method!r}; choose from: {', '.join(METHODS)}")
-    return METHODS[method](lm, fmt, list(labelled), torch.Generator().manual_seed(seed), settings)
+    return METHODS[method](lm, fmt, list(labelled), torch.Generator().manual_seed(seed), settings, sampler=sampler)
 
 
 @dataclass(frozen=True)

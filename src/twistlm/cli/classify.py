@@ -3,7 +3,7 @@
 Flow: cheap checks (numbers, methods, files, output path) → the labelled examples (``--labelled``) and the scored
 rows (``--data`` from ``--index``, ``--limit`` of them, skipping any sentence that is also labelled) → load the model
 → fit each method (:data:`twistlm.classify.METHODS`; ``lora-sft`` and ``latent-em`` each on its own copy of the
-model) → accuracy with 95%
+model; ``--policy``: latent-em draws its rationales from a GFlowNet policy, on a third copy) → accuracy with 95%
 Wilson intervals → optionally ``--json OUT`` (atomic) with every prediction.
 """
 
@@ -17,7 +17,16 @@ import typer
 from rich.table import Table
 
 from twistlm.cli.app import app, console, loading_status
-from twistlm.cli.common import EMBEDDED_LABEL, check_model, check_writable, load_model, method_names, write_json
+from twistlm.cli.common import (
+    EMBEDDED_LABEL,
+    check_model,
+    check_policies,
+    check_writable,
+    load_model,
+    load_policy_lm,
+    method_names,
+    write_json,
+)
 from twistlm.errors import ConfigError
 
 DEFAULT_METHODS = "zero-shot,few-shot,lora-sft"
@@ -33,6 +42,7 @@ def classify_command(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, few-shot, lora-sft, latent-em.")] = DEFAULT_METHODS,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs of LoRA SFT (lora-sft, latent-em's M-step; default: SFTSettings').")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="LoRA SFT learning rate (lora-sft, latent-em).")] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", help="latent-em's rationale sampler (E-step proposal and prediction): a train-gfn --task subjectivity policy (default: p0).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model directory or .gguf file.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (demonstration order, SFT batches).")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every prediction here.")] = None,
@@ -61,6 +71,10 @@ def classify_command(
     for flag, path in (("--labelled", labelled), ("--data", data)):
         if not path.is_file():
             raise ConfigError(f"{flag} {path}: no such file")
+    if policy is not None:
+        if "latent-em" not in names:
+            raise ConfigError("--policy is latent-em's rationale sampler: add latent-em to --methods")
+        check_policies([policy], "subjectivity", {}, model)
     if json_out is not None:
         check_writable(json_out)
     train = [Labelled(e.text, e.label) for e in load_subj(labelled)]
@@ -77,6 +91,12 @@ def classify_command(
 
     with loading_status(model or EMBEDDED_LABEL, False):
         lm = load_model(model)
+    sampler = None
+    if policy is not None:
+        from twistlm.gfn.policy import load_action_space
+        from twistlm.latent_em import PolicyRationales
+
+        sampler = PolicyRationales(load_policy_lm(policy, model, lm, "subjectivity"), load_action_space(policy.expanduser()))
     texts, gold = [e.text for e in rows], [e.label for e in rows]
     table = Table(title=f"SUBJ rows {index}–{index + limit - 1} of {data.name} ({len(rows)} scored; "
                         f"{len(train)} labelled from {labelled.name}; seed {seed})",
@@ -87,7 +107,7 @@ def classify_command(
     for name in names:
         start = time.perf_counter()
         own = load_model(model) if name in ADAPTER_METHODS else lm  # the adapter goes into the model it is fitted on
-        pred = fit(name, own, LABEL_FORMAT, train, seed=seed, settings=settings).predict(texts)
+        pred = fit(name, own, LABEL_FORMAT, train, seed=seed, settings=settings, sampler=sampler).predict(texts)
         acc, seconds = accuracy(pred, gold), time.perf_counter() - start
         lo, hi = acc.interval
         table.add_row(name, f"{acc.value:.3f} [{lo:.3f}–{hi:.3f}]", f"{sum(pred) / len(pred):.2f}", f"{seconds:.0f}")
@@ -96,6 +116,7 @@ def classify_command(
     if json_out is not None:
         write_json(json_out, {"settings": {"labelled": str(labelled), "data": str(data), "index": index,
                                            "limit": limit, "scored": len(rows), "seed": seed,
-                                           "model": model or EMBEDDED_LABEL, "sft": asdict(settings)},
+                                           "model": model or EMBEDDED_LABEL, "sft": asdict(settings),
+                                           "policy": None if policy is None else str(policy)},
                               "gold": gold, "methods": out})
         console.print(f"wrote {json_out}", style="dim", highlight=False)

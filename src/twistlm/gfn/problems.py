@@ -11,9 +11,12 @@ trajectories and the task's recipe defaults (registry ``PROBLEMS``; any other ta
   policy reading o (condition
   ``observation``), exactly T actions (the target gives any other span length φ = 0), recipe :data:`EXACT_SPAN_RECIPE`;
   in stories mode (``data=``) the true 4th sentences are the labelled trajectories (:func:`true_middles`).
+* ``subjectivity`` — one-sentence rationales z of labelled SUBJ sentences (x, y), R(z ⊤) = p0(z "." y | x), the
+  policy q(z | x) reading x only (it must infer y): the rationale sampler of latent-rationale EM
+  (:mod:`twistlm.latent_em`).
+  Stories infilling and subjectivity share :func:`sentence_space` ("." the one stop action).
 * any other task — its own target (``prompts`` = how many of its prompts, from ``index``), the full vocabulary, its
-  stop tokens, 1 to T actions; a target with observations (``extras["observation"]``: infilling stories,
-  subjectivity) gets a policy that reads them (:func:`~twistlm.gfn.conditioning.default_condition`).
+  stop tokens, 1 to T actions; a target with observations (``extras["observation"]``) gets a policy that reads them (:func:`~twistlm.gfn.conditioning.default_condition`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from twistlm.gfn.rewards import reward_for
 from twistlm.gfn.sampling import ActionSpace
 from twistlm.gfn.trainer import GFNProblem, GivenTrajectory
 from twistlm.lm import ParticleLM
+from twistlm.target import Target
 from twistlm.tasks.registry import get_task
 
 ARITHMETIC_CHARACTERS = frozenset("0123456789+-=, ")
@@ -163,12 +167,43 @@ def infilling_problem(lm: ParticleLM, *, prompts: int | None = None, **options: 
     if isinstance(target.potential, ExactSpanPotential):
         space = ActionSpace(allowed, tuple(target.stop_ids), T, T)
         return GFNProblem(target, space, {}, (1.0, 1.0, 1), info, dict(EXACT_SPAN_RECIPE), condition="observation")
-    allowed[list(target.stop_ids)] = False  # other sentence ends would end the target's sentence too
-    space = ActionSpace(allowed, (period_token(lm),), 1, T)
-    problem = GFNProblem(target, space, {}, (1.0, 1.0, 1), info, condition="observation")
+    problem = GFNProblem(target, sentence_space(target), {}, (1.0, 1.0, 1), info, condition="observation")
     problem.given = true_middles(problem)
     info["labelled"] = len(problem.given)
     return problem
+
+
+SUBJECTIVITY_RECIPE = {"objective": "subtb", "replay_prob": 0.5, "tempered_prob": 0.0}
+"""GFNConfig values for the SUBJ rationale policy: modified SubTB (the likelihood reward exists at every prefix) and
+the reference's SUBJ exploration, half on-policy and half replay (REFERENCES (B))."""
+
+
+@register_problem("subjectivity")
+def subjectivity_problem(lm: ParticleLM, *, prompts: int | None = None, **options: Any) -> GFNProblem:
+    """Rationales for ``prompts`` labelled sentences (default: every row of ``data`` from ``index``, or the built-in
+    examples), reward R(z ⊤) = p0(z "." y | x) with y the sentence's own label, "." as the one stop action
+    (:func:`sentence_space`). The policy reads the sentence only (condition ``prompt``), as in the GFlowNet paper's
+    E-step: amortized over many x, q(z | x) must write the rationale that explains a label it does not see, so on a
+    new sentence it proposes rationales for the label it infers — what latent-rationale EM then predicts from
+    (:mod:`twistlm.latent_em`)."""
+    from twistlm.tasks.subjectivity import problem_count
+
+    count = prompts if prompts is not None else problem_count(**options) - int(options.get("index", 0))
+    if count < 1:
+        raise ConfigError(f"no subjectivity examples from index {options.get('index', 0)}")
+    target = get_task("subjectivity").build(lm, num_prompts=count, **options)
+    info = {"task_options": options, "train_problems": count}
+    return GFNProblem(target, sentence_space(target), {}, (1.0, 1.0, 1), info, dict(SUBJECTIVITY_RECIPE))
+
+
+def sentence_space(target: Target) -> ActionSpace:
+    """A one-sentence latent: the full vocabulary but the target's other sentence-ending tokens, "." as the one stop
+    action (:func:`period_token`), 1 to T actions. One stop because the likelihood reward scores the observation
+    after it (R(z ⊤) = p0(z "." y | x)); the policy then covers the part of σ that ends on "." or at T."""
+    lm = target.lm
+    allowed = torch.ones(lm.vocab_size, dtype=torch.bool)
+    allowed[list(target.stop_ids)] = False  # other sentence ends would end the target's sentence too
+    return ActionSpace(allowed, (period_token(lm),), 1, target.max_new_tokens)
 
 
 def period_token(lm: ParticleLM) -> int:
