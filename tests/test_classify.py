@@ -236,6 +236,12 @@ def test_rationale_classifier_predicts_from_the_policys_rationales():
     zs, _ = sampler.draw(lm, fmt, ["ab"], 3, torch.Generator().manual_seed(2))
     assert clf.last_rationales == zs
     assert torch.allclose(got[0], torch.logsumexp(clf.log_probs(["ab"] * 3, zs[0]), 0) - math.log(3))
+    # a policy trained with at most one action before its stop draws rationales of one token (horizon max_len + 1)
+    from twistlm.gfn.sampling import ActionSpace
+
+    short = PolicyRationales(sampler.policy, ActionSpace(torch.ones(5, dtype=torch.bool), (lm.eos_token_id,), 0, 0))
+    zs, _ = short.draw(lm, fmt, ["ab"], 20, torch.Generator().manual_seed(3))
+    assert max(len(z) for z in zs[0]) == 1
 
 
 def test_latent_em_refuses_bad_settings():

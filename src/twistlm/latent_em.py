@@ -67,16 +67,18 @@ def draw_from(lm: ParticleLM, fmt: LabelFormat, texts: Sequence[str], k: int, ge
               ) -> tuple[list[list[str]], torch.Tensor]:
     """k rationales per text, written after the format's prompt, from p0(z | x) (``policy`` None) or from a policy
     q (SIS, φ ≡ 1), and their (N, k) float64 log importance ratios log p0(z | x) − log q(z | ·) (zeros for p0).
-    ``labels`` become the observations an observation-reading policy needs."""
+    ``labels`` become the observations an observation-reading policy needs. Horizon: the format's, or one past the
+    policy space's ``max_len`` actions when shorter (room for the stop it was trained to write there)."""
     from twistlm.potentials.likelihood import OBSERVATION_KEY
 
+    horizon = fmt.max_rationale_tokens if space is None else min(fmt.max_rationale_tokens, space.max_len + 1)
     zs, ratios = [], []
     with _base(lm):
         for c in range(0, len(texts), SAMPLING_CHUNK):
             chunk = list(texts[c : c + SAMPLING_CHUNK])
             extras = {} if labels is None else {
                 OBSERVATION_KEY: [fmt.verbalizer(y) for y in labels[c : c + SAMPLING_CHUNK]]}
-            target = Target(lm, prompts=[fmt.prompt(t) for t in chunk], max_new_tokens=fmt.max_rationale_tokens,
+            target = Target(lm, prompts=[fmt.prompt(t) for t in chunk], max_new_tokens=horizon,
                             stop_token_ids=fmt.rationale_stop_ids(lm), extras=extras)
             results = run_smc(target, k, proposal="base" if policy is None else "policy", policy=policy,
                               policy_space=space, ess_threshold=0.0, generator=generator)
