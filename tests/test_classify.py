@@ -244,6 +244,25 @@ def test_rationale_classifier_predicts_from_the_policys_rationales():
     assert max(len(z) for z in zs[0]) == 1
 
 
+def test_latent_em_runs_its_rounds_with_a_policy_on_its_own_model(tiny_hf):
+    """Two EM rounds on a tiny HF model, rationales from a policy on a separate copy: each round records its E-step
+    ESS (a fraction) and M-step loss, and prediction gives one label per input from the policy's rationales."""
+    import copy
+
+    from twistlm.latent_em import EMSettings, PolicyRationales, fit_latent_em
+
+    lm = twistlm.HFLM(copy.deepcopy(tiny_hf.model), CharTokenizer(), name="tiny-copy")
+    policy = PolicyRationales(twistlm.HFLM(copy.deepcopy(tiny_hf.model), CharTokenizer(), name="tiny-copy"))
+    data = [Labelled(t, int(t[0] == "b")) for t in ("aab", "abb", "bab", "bba")]
+    settings = EMSettings(rounds=2, rationales=4, kept=2, predict_rationales=2,
+                          sft=SFTSettings(r=4, learning_rate=3e-3, epochs=2, batch_size=4))
+    clf = fit_latent_em(lm, LettersWithRationale(), data, torch.Generator().manual_seed(0), settings, sampler=policy)
+    assert [r["round"] for r in clf.rounds] == [1, 2]
+    assert all(0.25 <= r["ess_fraction"] <= 1.0 and math.isfinite(r["loss"]) for r in clf.rounds)
+    pred = clf.predict(["ab", "ba"])
+    assert len(pred) == 2 and set(pred) <= {0, 1} and len(clf.last_rationales[0]) == 2
+
+
 def test_latent_em_refuses_bad_settings():
     from twistlm.latent_em import EMSettings, fit_latent_em
 

@@ -131,6 +131,7 @@ class RationaleClassifier(Classifier):
         super().__init__(lm, fmt)
         self.rationales, self.generator, self.sampler = rationales, generator, sampler
         self.last_rationales: list[list[str]] = []
+        self.rounds: list[dict] = []  # per EM round: the E-step's mean ESS fraction, the M-step's last loss
 
     def log_probs(self, texts, rationales=None, batch_size: int = 16) -> torch.Tensor:
         if rationales is not None:
@@ -185,6 +186,7 @@ def fit_latent_em(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Labelled]
     for r in range(s.rounds):
         data, ess = e_step(clf, labelled, s, generator, sampler)
         train_classifier(lm, fmt, data, generator, s.sft, on_epoch=lambda e, loss: losses.append(loss))
+        clf.rounds.append({"round": r + 1, "ess_fraction": ess, "loss": losses[-1]})
         if on_round is not None:
             on_round(r + 1, {"ess_fraction": ess, "loss": losses[-1], "examples": data})
     return clf

@@ -107,11 +107,16 @@ def classify_command(
     for name in names:
         start = time.perf_counter()
         own = load_model(model) if name in ADAPTER_METHODS else lm  # the adapter goes into the model it is fitted on
-        pred = fit(name, own, LABEL_FORMAT, train, seed=seed, settings=settings, sampler=sampler).predict(texts)
+        classifier = fit(name, own, LABEL_FORMAT, train, seed=seed, settings=settings, sampler=sampler)
+        pred = classifier.predict(texts)
         acc, seconds = accuracy(pred, gold), time.perf_counter() - start
         lo, hi = acc.interval
         table.add_row(name, f"{acc.value:.3f} [{lo:.3f}–{hi:.3f}]", f"{sum(pred) / len(pred):.2f}", f"{seconds:.0f}")
         out[name] = {**acc.to_dict(), "seconds": seconds, "predictions": pred}
+        for r in getattr(classifier, "rounds", []):  # latent-em: how much each E-step's weights selected
+            console.print(f"{name} round {r['round']}: E-step ESS {r['ess_fraction']:.0%} of the draws, "
+                          f"M-step loss {r['loss']:.3f}", style="dim", highlight=False)
+            out[name].setdefault("rounds", []).append(r)
     console.print(table)
     if json_out is not None:
         write_json(json_out, {"settings": {"labelled": str(labelled), "data": str(data), "index": index,
