@@ -48,7 +48,7 @@ def classify_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every prediction here.")] = None,
 ) -> None:
     """Classify SUBJ sentences with zero-shot, few-shot, LoRA-SFT or latent-rationale EM classifiers fitted on a few
-    labelled examples (latent-em is not in the default --methods: it samples rationales, ≈ 40 min for 50 labels here)."""
+    labelled examples (latent-em is not in the default --methods: it samples rationales, 20–40 min for 50 labels here)."""
     from dataclasses import asdict, replace
 
     from twistlm.classify import ADAPTER_METHODS, Labelled, SFTSettings, accuracy, fit

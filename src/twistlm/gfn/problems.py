@@ -173,9 +173,12 @@ def infilling_problem(lm: ParticleLM, *, prompts: int | None = None, **options: 
     return problem
 
 
-SUBJECTIVITY_RECIPE = {"objective": "subtb", "replay_prob": 0.5, "tempered_prob": 0.0}
-"""GFNConfig values for the SUBJ rationale policy: modified SubTB (the likelihood reward exists at every prefix) and
-the reference's SUBJ exploration, half on-policy and half replay (REFERENCES (B))."""
+SUBJECTIVITY_RECIPE = {"objective": "subtb", "replay_prob": 0.5, "tempered_prob": 0.0, "learning_rate": 1e-4,
+                       "max_len": 12}
+"""GFNConfig values for the SUBJ rationale policy: modified SubTB (the likelihood reward exists at every prefix), the
+reference's SUBJ exploration (half on-policy, half replay) and learning rate 1e-4 (REFERENCES (B)); the stop forced
+after 12 actions (the reference's rationales have 5). With the arithmetic defaults (lr 3e-4) and 24 actions the
+policy drifted to long, p0-unlikely text within 40 updates (mean log R −63 → −99; EXPERIMENTS.md, ninth session)."""
 
 
 @register_problem("subjectivity")
