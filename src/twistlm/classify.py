@@ -200,9 +200,9 @@ METHODS: dict[str, Callable[..., Classifier]] = {
     "lora-sft": _lora_sft,
     "latent-em": _latent_em,
 }
-"""Registry: method name → fit(lm, fmt, labelled, generator, settings, sampler=None) -> Classifier (``sampler``: the
-rationale proposal of latent-em's E-step, :class:`twistlm.latent_em.PolicyRationales`; the others draw no
-rationales and ignore it). ``lora-sft`` and
+"""Registry: method name → fit(lm, fmt, labelled, generator, settings, sampler=None) -> Classifier (``sampler``: where
+latent-em draws its rationales, E-step and prediction, :class:`twistlm.latent_em.PolicyRationales`; None: p0; the
+others draw no rationales and ignore it). ``lora-sft`` and
 ``latent-em`` (:mod:`twistlm.latent_em`: the classifier through sampled rationales, trained by EM) change ``lm``
 (they attach an adapter): give each its own copy of the model."""
 ADAPTER_METHODS = ("lora-sft", "latent-em")
