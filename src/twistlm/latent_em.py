@@ -112,16 +112,6 @@ class PolicyRationales:
         return draw_from(lm, fmt, texts, k, generator, self.policy, self.space, labels)
 
 
-def draw_rationales(clf: Classifier, labelled: Sequence[Labelled], k: int, generator: torch.Generator,
-                    sampler: PolicyRationales | None = None) -> tuple[list[list[str]], torch.Tensor]:
-    """k rationales per labelled example from ``sampler`` (default p0(z | x)) and their log importance ratio
-    against p0(z | x) (zeros for p0's own draws)."""
-    texts = [e.text for e in labelled]
-    if sampler is not None:
-        return sampler.draw(clf.lm, clf.fmt, texts, k, generator, [e.label for e in labelled])
-    return draw_from(clf.lm, clf.fmt, texts, k, generator)
-
-
 class RationaleClassifier(Classifier):
     """p_θ(y | x) = mean over M rationales z of p_θ(y | x, z), z ~ p0(z | x) or ~ ``sampler``'s q(z | x) (module
     docstring)."""
@@ -157,7 +147,8 @@ def e_step(clf: Classifier, labelled: Sequence[Labelled], settings: EMSettings, 
     ``rationales`` draws of r (``sampler``, default p0: weights p_θ(y | x, z)); also the mean ESS fraction of the
     weights (how informative the rationales are about the label, or how close r is to the posterior)."""
     texts = [e.text for e in labelled]
-    zs, log_ratio = draw_rationales(clf, labelled, settings.rationales, generator, sampler)
+    draw = sampler.draw if sampler is not None else draw_from
+    zs, log_ratio = draw(clf.lm, clf.fmt, texts, settings.rationales, generator, labels=[e.label for e in labelled])
     lp = per_rationale_log_probs(clf, texts, zs)
     out, ess = [], 0.0
     for i, e in enumerate(labelled):
