@@ -182,3 +182,10 @@ def test_recipe_fills_what_the_user_left_out():
     assert "corpus_tokens" not in on_policy and "weight_decay" not in on_policy
     with pytest.raises(ConfigError, match="no training recipe"):
         twist_recipe("kl")
+    # Per kind: CTL's default is the ratio twist; the heads keep rounds 3–5's recipe (options for the embedding head
+    # only), and a kind without a recipe of its own gets the loss's default training settings.
+    assert ctl.twist_kind == "ratio" and twist_recipe("ctl", None) is ctl
+    embedding = twist_recipe("ctl", "embedding")
+    assert embedding.twist_kind == "embedding" and embedding.config["max_steps"] == 1000
+    assert embedding.config["weight_decay"] == 1.0 and twist_recipe("ctl", "mlp").config == embedding.config
+    assert not twist_recipe("ctl", "mlp").twist_options and twist_recipe("ctl", "my-kind") is ctl

@@ -9,9 +9,10 @@ head runs: the base LM's features are read from the corpus, and the head is eval
 time instead of T forward passes — the reference's budget of thousands of updates × hundreds of samples fits on a CPU.
 
 With q = p0 every proposal ratio is 1: the Rollouts carry log p0 = log q = 0 per step (only their difference enters
-the losses). RL is not offered: its bootstrapped target needs log Σ_v p0(v | s_1:t) ψ_t+1(s_1:t, v) over the whole
-vocabulary, which the corpus does not store. The corpus is drawn into ``corpus_dir`` (default ``<output_dir>/corpus``)
-at the start of training, resumably; resuming a run reuses it.
+the losses). A normalised twist (``twist.normalised``, e.g. the ratio twist) trained with CTL draws no negatives:
+its log Z_t ≡ 0 (``TwistLoss.normaliser_from_negatives``). RL is not offered: its bootstrapped target needs
+log Σ_v p0(v | s_1:t) ψ_t+1(s_1:t, v) over the whole vocabulary, which the corpus does not store. The corpus is drawn
+into ``corpus_dir`` (default ``<output_dir>/corpus``) at the start of training, resumably; resuming a run reuses it.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class CorpusTwistTrainer(TwistTrainer):
 
     def training_step(self) -> tuple[float, list | None]:
         self.twist.train()
-        neg = self._rollouts(self._draw(self.config.num_particles, "p0"))
+        neg = self._rollouts(self._draw(self.config.num_particles, "p0")) if self.needs_negatives else None
         pos = None
         if self.loss.needs_positives:
             pos = self._rollouts(self._draw(self.config.positives_per_prompt, "sigma"))

@@ -297,11 +297,22 @@ def _need_positives(pos: Rollouts | None, loss: str) -> Rollouts:
     return pos
 
 
-def _ctl(neg: Rollouts, pos: Rollouts | None, generator: torch.Generator | None) -> torch.Tensor:
+def ctl_loss_normalised(pos_log_psi: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    """CTL for a normalised twist (Z_t = Σ p0 ψ_t ≡ 1 for every θ, e.g. :class:`~twistlm.twists.ratio.RatioTwist`):
+    ∇ log Z_t = 0, so the surrogate is −Σ_t E_σ[ℓ_t] alone — maximum likelihood of the twist-induced proposal on
+    the positives. Inputs as in :func:`ctl_loss`."""
+    _check_shapes(pos_log_psi=(pos_log_psi, "B,P,T"), pos_weight=(pos_weight, "B,P,T"))
+    pos_term = (pos_weight.detach() * _masked(pos_log_psi, pos_weight > 0)).sum(dim=(1, 2))
+    valid = pos_weight.sum(dim=(1, 2)) > 0
+    return _mean_over(-pos_term, valid, pos_log_psi)
+
+
+def _ctl(neg: Rollouts | None, pos: Rollouts | None, generator: torch.Generator | None) -> torch.Tensor:
     pos = _need_positives(pos, "ctl")
-    return ctl_loss(
-        pos.log_psi, _learned_weights(pos, pos.sample_weights()), neg.log_psi, neg.pi_log_weights(), neg.learned
-    )
+    pos_w = _learned_weights(pos, pos.sample_weights())
+    if neg is None:  # a normalised twist: no negatives needed (TwistLoss.normaliser_from_negatives)
+        return ctl_loss_normalised(pos.log_psi, pos_w)
+    return ctl_loss(pos.log_psi, pos_w, neg.log_psi, neg.pi_log_weights(), neg.learned)
 
 
 def _rl(neg: Rollouts, pos: Rollouts | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -347,11 +358,22 @@ class TwistLoss:
     default_proposal: str
     twist_output: str
     description: str
+    normaliser_from_negatives: bool = False
+    """The negatives only estimate ∇ log Z_t: a normalised twist (``twist.normalised``) needs none — the trainers
+    then pass ``negatives=None``."""
 
 
 LOSSES: dict[str, TwistLoss] = {
     "ctl": TwistLoss(
-        "ctl", _ctl, ctl_loss, True, False, "twisted", "log", "contrastive twist learning: Σ_t KL(σ(s_1:t) ‖ π_t)"
+        "ctl",
+        _ctl,
+        ctl_loss,
+        True,
+        False,
+        "twisted",
+        "log",
+        "contrastive twist learning: Σ_t KL(σ(s_1:t) ‖ π_t)",
+        normaliser_from_negatives=True,
     ),
     "rl": TwistLoss(
         "rl",

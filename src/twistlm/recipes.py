@@ -1,5 +1,6 @@
-"""Default training recipes of ``twistlm train-twist``: one per loss, the settings EXPERIMENTS.md's tables were made
-with, so the command with no tuning flags reproduces them.
+"""Default training recipes of ``twistlm train-twist``: one per loss (with its default twist kind) and one per (loss,
+kind) where another kind has its own, the settings EXPERIMENTS.md's tables were made with, so the command with no
+tuning flags reproduces them.
 
 A recipe names a twist kind with its options and values for :class:`~twistlm.training.TwistTrainingConfig` fields.
 The CLI fills every setting the user did not give from the recipe of the chosen loss; an explicit flag or
@@ -67,8 +68,27 @@ every head memorise its ≈ 490 effective positives (held-out KL(σ‖q) rose ab
 fell to −1.9), at 24,576 it stays below p0's (EXPERIMENTS.md, "Learned twists, round 3"). lr 1e-4 (the reference's
 for a head on a frozen LM) and weight decay 1 for the same reason; 1,000 updates × 256 + 256 rows."""
 
+RATIO_TWIST = _frozen({"r": 8, "alpha": 16.0})
+"""LoRA r 8, α 16 on every linear layer of the copy (peft's ``all-linear``; the output layer stays frozen)."""
+RATIO_CONFIG = _frozen(
+    {
+        "corpus_tokens": CORPUS_CONFIG["corpus_tokens"],
+        "num_positives": 32,
+        "max_steps": 150,
+        "learning_rate": 1e-4,
+        "weight_decay": 0.0,
+        "eval_particles": 64,
+        "logging_steps": 25,
+    }
+)
+"""CTL with the ratio twist (maximum likelihood of q_θ on corpus positives ∝ φ, no negatives) on the same 24,576-sample
+corpus: 150 updates × 32 positives at lr 1e-4 (constant). Chosen on development seeds (EXPERIMENTS.md, "Learned
+twists, round 6"): the KL sum was lowest at 100–150 updates and rose after (memorisation of the ≈ 1,400 effective
+positives: the training positives' log-ratio kept climbing while held-out KL(σ‖q) rose); lr 3e-4 overfit by update
+150. ≈ 5.5 s per update with one thread while a second run used the other core (150 updates ≈ 14 min)."""
+
 RECIPES: dict[str, TwistRecipe] = {
-    "ctl": TwistRecipe("ctl", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
+    "ctl": TwistRecipe("ctl", "ratio", RATIO_TWIST, RATIO_CONFIG, "ratio twist, maximum likelihood on corpus positives"),
     "sixo": TwistRecipe("sixo", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
     "fudge": TwistRecipe("fudge", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
     "rl": TwistRecipe(
@@ -79,10 +99,28 @@ RECIPES: dict[str, TwistRecipe] = {
         "on-policy soft-Q regression with p0 negatives (EXPERIMENTS.md round 2)",
     ),
 }
-"""Registry: loss name → its default recipe."""
+"""Registry: loss name → its default recipe (and twist kind)."""
+
+HEAD_KINDS = ("embedding", "linear", "mlp", "lora", "conditional", "tabular")
+"""Kinds that CTL trains as heads with their own normaliser estimate (negatives), i.e. every kind but the ratio
+twist: they keep rounds 3–5's CTL settings (the embedding head with its options, the others with theirs)."""
+
+KIND_RECIPES: dict[tuple[str, str], TwistRecipe] = {
+    ("ctl", kind): TwistRecipe(
+        "ctl",
+        kind,
+        CORPUS_TWIST if kind == "embedding" else {},
+        CORPUS_CONFIG,
+        "off-policy on the cached p0 corpus, negatives reweighted to π_t (rounds 3–5's CTL)",
+    )
+    for kind in HEAD_KINDS
+}
+"""Registry: (loss, twist kind) → the recipe of that kind when it is not the loss's default kind."""
 
 
-def twist_recipe(loss: str) -> TwistRecipe:
+def twist_recipe(loss: str, twist_kind: str | None = None) -> TwistRecipe:
+    """The recipe of ``loss`` with ``twist_kind`` (None: the loss's default kind). A kind with no recipe of its own
+    gets the default recipe's training settings (its twist options apply to the default kind only)."""
     if loss not in RECIPES:
         raise ConfigError(f"no training recipe for loss {loss!r}; choose from: {', '.join(sorted(RECIPES))}")
-    return RECIPES[loss]
+    return KIND_RECIPES.get((loss, twist_kind), RECIPES[loss])

@@ -91,6 +91,11 @@ class TwistTrainingConfig(LoopConfig):
         metadata={"help": "Questions drawn per update from the target's prompts, a dataset of prompts "
                   "(twistlm.prompt_data); 0: every update uses all of them."},
     )
+    init_twist: str | None = field(
+        default=None,
+        metadata={"help": "Start from the weights of a saved twist of the same kind (a folder with twist.safetensors), "
+                  "e.g. a corpus-trained twist continued on-policy; a resumed run's checkpoint wins over it."},
+    )
 
     resume_keys = LoopConfig.resume_keys + (
         "loss",
@@ -104,6 +109,7 @@ class TwistTrainingConfig(LoopConfig):
         "corpus_size",
         "corpus_tokens",
         "prompts_per_step",
+        "init_twist",
     )
 
     def __post_init__(self) -> None:
@@ -146,6 +152,17 @@ class TwistTrainingConfig(LoopConfig):
     @property
     def positives_per_prompt(self) -> int:
         return self.num_positives or self.num_particles
+
+
+def load_initial_twist(twist: Twist, directory: str | Path) -> None:
+    """Load a saved twist's weights into ``twist`` (``init_twist``): the same kind, every tensor in its place."""
+    from twistlm.twists.io import read_config
+
+    kind = getattr(twist, "kind", None)
+    saved = read_config(directory).get("kind")
+    if kind is not None and saved != kind:
+        raise ConfigError(f"init_twist {directory} is a {saved!r} twist, not {kind!r}")
+    load_twist_state(twist, read_weights(directory))
 
 
 def _metrics(results, num_particles: int) -> dict[str, float]:
@@ -202,6 +219,8 @@ class TwistTrainer(TrainLoop):
             from accelerate import Accelerator
 
             accelerator = Accelerator(cpu=target.lm.device.type == "cpu")
+        if config.init_twist:
+            load_initial_twist(twist, config.init_twist)
         twist.to(accelerator.device)
         self.prompt_batches = PromptBatches.for_config(target, config, twist)  # None: the fixed target
         bind = getattr(twist, "bind_target", None)
@@ -253,9 +272,15 @@ class TwistTrainer(TrainLoop):
             target.lm, target.prompt_ids, samples.sequences, prompt_index=index, max_new_tokens=target.max_new_tokens
         )
 
-    def compute_loss(self, negatives: Samples, positives: Samples | None) -> torch.Tensor:
+    @property
+    def needs_negatives(self) -> bool:
+        """False for a loss whose negatives only estimate ∇ log Z_t with a normalised twist (Z_t ≡ 1: CTL with the
+        ratio twist), which then trains on positives alone."""
+        return not (self.loss.normaliser_from_negatives and getattr(self.twist, "normalised", False))
+
+    def compute_loss(self, negatives: Samples | None, positives: Samples | None) -> torch.Tensor:
         """The configured loss on stored samples (base-LM features without grad; the twist with grad)."""
-        neg = self._rollouts(negatives, self._features(negatives), self.proposal)
+        neg = None if negatives is None else self._rollouts(negatives, self._features(negatives), self.proposal)
         pos = None
         if positives is not None:
             # The positives' proposal does not enter any loss (only their data weights do).
@@ -277,9 +302,11 @@ class TwistTrainer(TrainLoop):
         """Sample, compute the loss, take one optimizer step; returns the loss and the negatives' results."""
         self.twist.train()
         self.update_target()
-        negatives, results = self._negatives()
-        if self.loss.needs_positives:  # SIS negatives: log_weights = log σ̃(s) − log q(s) exactly
-            self.positive_source.observe(negatives, torch.stack([r.log_weights.double() for r in results]))
+        negatives, results = None, None
+        if self.needs_negatives:
+            negatives, results = self._negatives()
+            if self.loss.needs_positives:  # SIS negatives: log_weights = log σ̃(s) − log q(s) exactly
+                self.positive_source.observe(negatives, torch.stack([r.log_weights.double() for r in results]))
         positives = self._positives()
         loss = self.compute_loss(negatives, positives)
         return self.optimizer_step(loss, {self.loss.name: loss}), results
@@ -290,7 +317,8 @@ class TwistTrainer(TrainLoop):
         Otherwise runs an extra importance-sampling pass with a generator of its own, seeded by (seed, step), so
         logging never changes the training trajectory.
         """
-        if self.proposal != "twisted":
+        own_run = self.proposal != "twisted" or not results  # no twisted negatives this step (or none at all)
+        if own_run:
             gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.global_step)
             results = run_smc(
                 self.target,
@@ -301,7 +329,7 @@ class TwistTrainer(TrainLoop):
                 generator=gen,
             )
         self._eval_results = results
-        return _metrics(results, self.eval_particles if self.proposal != "twisted" else self.config.num_particles)
+        return _metrics(results, self.eval_particles if own_run else self.config.num_particles)
 
     @property
     def eval_particles(self) -> int:

@@ -36,7 +36,7 @@ from twistlm.tasks.registry import get_task
 from twistlm.training import CURVE_NAME, POSITIVE_SOURCES, TwistTrainingConfig
 from twistlm.twists import io as twist_io
 
-TWIST_KINDS_HELP = "linear | mlp | embedding | tabular (toy) | conditional | lora"
+TWIST_KINDS_HELP = "linear | mlp | embedding | tabular (toy) | conditional | lora | ratio"
 
 
 PROGRESS_KEYS = (("loss", "loss"), ("ess", "ESS/K"), ("log_z", "log Ẑ"))
@@ -132,7 +132,7 @@ def train_twist(
     """Train a twist ψ for a task (CTL, RL, SIXO or FUDGE) and save it with its config and training curves."""
     # Cheap checks first: nothing here loads a model.
     loss_spec = get_loss(loss)
-    recipe = twist_recipe(loss)
+    recipe = twist_recipe(loss, twist_kind)
     twist_kind = twist_kind or recipe.twist_kind
     twist_io.get_twist_kind(twist_kind)
     task_obj = get_task(task)

@@ -7,6 +7,7 @@ from twistlm.twists.io import build_twist, load_twist, save_twist
 from twistlm.twists.linear import LinearTwist
 from twistlm.twists.lora import LoRATwist
 from twistlm.twists.mlp import MLPTwist
+from twistlm.twists.ratio import RatioTwist
 from twistlm.twists.tabular import TabularTwist
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "LinearTwist",
     "LoRATwist",
     "MLPTwist",
+    "RatioTwist",
     "TabularTwist",
     "Twist",
     "TwistContext",

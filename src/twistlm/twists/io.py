@@ -166,6 +166,7 @@ def _load_builtin_kinds() -> None:
     from twistlm.twists.linear import LinearTwist
     from twistlm.twists.lora import LoRATwist
     from twistlm.twists.mlp import MLPTwist
+    from twistlm.twists.ratio import RatioTwist
     from twistlm.twists.tabular import TabularTwist
 
     def linear(lm, target=None, init_scale: float = 0.0, seed: int = 0, output: str = "log", level: bool = True):
@@ -200,6 +201,11 @@ def _load_builtin_kinds() -> None:
             LoRATwist,
             lambda lm, target=None, **kw: LoRATwist.for_lm(lm, **kw),
             "LoRA-adapted copy of the base model with its own linear head",
+        ),
+        "ratio": (
+            RatioTwist,
+            lambda lm, target=None, **kw: RatioTwist.for_lm(lm, **kw),
+            "log q_θ − log p0 of a LoRA-adapted copy q_θ (normalised: the twisted proposal is q_θ, ψ ≡ 1 at start)",
         ),
     }
     for name, (cls, build, doc) in defaults.items():
