@@ -60,7 +60,8 @@ class RatioTwist(AdaptedCopyTwist):
             raise ConfigError(f"the ratio twist's ψ is a density ratio (output 'log'), not {output!r}; FUDGE needs a "
                               "bounded head such as --twist-kind mlp")
         if not isinstance(lm, HFLM):
-            raise ConfigError("the ratio twist needs a Hugging Face base model (it adapts a copy of it)")
+            raise ConfigError("the ratio twist needs a Hugging Face base model (it adapts a copy of it); for another "
+                              "model choose a head, e.g. --twist-kind embedding")
         return seeded_init(lambda: cls(lm.model, lm.eos_token_id, r, alpha, dropout, target_modules, lm.name), seed)
 
     # -- log-probabilities ---------------------------------------------------------------------------------------------
