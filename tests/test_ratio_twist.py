@@ -191,3 +191,17 @@ def test_on_policy_ctl_trains_on_positives_alone_and_can_start_from_a_saved_twis
     with pytest.raises(ConfigError, match="is a 'ratio' twist, not 'linear'"):
         TwistTrainer(other, target, TwistTrainingConfig(output_dir=str(tmp_path / "c"), init_twist=str(tmp_path / "a"),
                                                         **base))
+
+
+def test_buffer_positives_still_get_their_negatives_with_a_normalised_twist(sharp_hf, tmp_path):
+    """A replay buffer is filled from the negatives, so with it the trainer keeps sampling them."""
+    from twistlm.training import TwistTrainer
+
+    target = Target(sharp_hf, prompt="ab", potential=HasLetter(), max_new_tokens=2)
+    twist = build_twist("ratio", sharp_hf, target, r=4, seed=0)
+    cfg = TwistTrainingConfig(output_dir=str(tmp_path / "buf"), loss="ctl", learning_rate=0.003, max_steps=2,
+                              num_particles=8, positives="buffer", logging_steps=10**6, save_steps=0, plot=False)
+    trainer = TwistTrainer(twist, target, cfg)
+    assert trainer.needs_negatives
+    trainer.train()
+    assert sum(len(e) for e in trainer.positive_source.entries) > 0

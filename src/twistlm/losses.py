@@ -312,6 +312,7 @@ def _ctl(neg: Rollouts | None, pos: Rollouts | None, generator: torch.Generator 
     pos_w = _learned_weights(pos, pos.sample_weights())
     if neg is None:  # a normalised twist: no negatives needed (TwistLoss.normaliser_from_negatives)
         return ctl_loss_normalised(pos.log_psi, pos_w)
+    # Negatives drawn anyway (e.g. to feed a buffer): with a normalised twist their term is a zero-mean estimate.
     return ctl_loss(pos.log_psi, pos_w, neg.log_psi, neg.pi_log_weights(), neg.learned)
 
 

@@ -91,6 +91,8 @@ class PositiveSource:
     """Base: ``draw(request) -> Samples``; ``observe`` sees each step's negatives; state for checkpoints."""
 
     name = "base"
+    fed_by_negatives = False
+    """True for a source that draws from the negatives it observes (the buffer): its trainer must sample them."""
 
     def __init__(self, target: Target, capacity: int = 0):
         self.target = target
@@ -184,6 +186,7 @@ class BufferPositives(PositiveSource):
     """Replay of past negatives with their importance weights log σ̃(s) − log q_i(s) (see the module docstring)."""
 
     name = "buffer"
+    fed_by_negatives = True
 
     def __init__(self, target: Target, capacity: int = 0):
         super().__init__(target)

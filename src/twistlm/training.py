@@ -44,7 +44,7 @@ from twistlm.target import Target
 from twistlm.trainloop import CURVE_NAME, EXAMPLES_PER_SNAPSHOT, LoopConfig, TrainLoop, list_checkpoints
 from twistlm.twists.base import Twist
 from twistlm.twists.features import prefix_features, prefix_log_psi
-from twistlm.twists.io import load_twist_state, read_weights, save_twist
+from twistlm.twists.io import load_twist_state, read_config, read_weights, save_twist
 
 PROPOSALS = ("base", "twisted")
 POSITIVES_KEY = "positives"
@@ -156,8 +156,6 @@ class TwistTrainingConfig(LoopConfig):
 
 def load_initial_twist(twist: Twist, directory: str | Path) -> None:
     """Load a saved twist's weights into ``twist`` (``init_twist``): the same kind, every tensor in its place."""
-    from twistlm.twists.io import read_config
-
     kind = getattr(twist, "kind", None)
     saved = read_config(directory).get("kind")
     if kind is not None and saved != kind:
@@ -275,8 +273,9 @@ class TwistTrainer(TrainLoop):
     @property
     def needs_negatives(self) -> bool:
         """False for a loss whose negatives only estimate ∇ log Z_t with a normalised twist (Z_t ≡ 1: CTL with the
-        ratio twist), which then trains on positives alone."""
-        return not (self.loss.normaliser_from_negatives and getattr(self.twist, "normalised", False))
+        ratio twist), which then trains on positives alone — unless the positives come from the negatives (buffer)."""
+        known = self.loss.normaliser_from_negatives and getattr(self.twist, "normalised", False)
+        return not known or self.positive_source.fed_by_negatives
 
     def compute_loss(self, negatives: Samples | None, positives: Samples | None) -> torch.Tensor:
         """The configured loss on stored samples (base-LM features without grad; the twist with grad)."""
