@@ -189,3 +189,6 @@ def test_recipe_fills_what_the_user_left_out():
     assert embedding.twist_kind == "embedding" and embedding.config["max_steps"] == 1000
     assert embedding.config["weight_decay"] == 1.0 and twist_recipe("ctl", "mlp").config == embedding.config
     assert not twist_recipe("ctl", "mlp").twist_options and twist_recipe("ctl", "my-kind") is ctl
+    sixo = twist_recipe("sixo")
+    assert sixo.twist_kind == "ratio" and sixo.config["num_particles"] == 32
+    assert twist_recipe("sixo", "embedding").config["max_steps"] == 1000

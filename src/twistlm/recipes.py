@@ -87,9 +87,13 @@ twists, round 6"): the KL sum was lowest at 100–150 updates and rose after (me
 positives: the training positives' log-ratio kept climbing while held-out KL(σ‖q) rose); lr 3e-4 overfit by update
 150. ≈ 5.5 s per update with one thread while a second run used the other core (150 updates ≈ 14 min)."""
 
+RATIO_SIXO_CONFIG = _frozen({**RATIO_CONFIG, "num_particles": 32})
+"""SIXO with the ratio twist: CTL's ratio settings, and 32 corpus negatives (p0 prefixes) per update beside the 32
+positives — twice CTL's cost per update (≈ 10 s on one thread beside another run; 150 updates ≈ 26 min)."""
+
 RECIPES: dict[str, TwistRecipe] = {
     "ctl": TwistRecipe("ctl", "ratio", RATIO_TWIST, RATIO_CONFIG, "ratio twist, maximum likelihood on corpus positives"),
-    "sixo": TwistRecipe("sixo", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
+    "sixo": TwistRecipe("sixo", "ratio", RATIO_TWIST, RATIO_SIXO_CONFIG, "ratio twist, σ- vs p0-prefixes on the corpus"),
     "fudge": TwistRecipe("fudge", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
     "rl": TwistRecipe(
         "rl",
@@ -102,17 +106,18 @@ RECIPES: dict[str, TwistRecipe] = {
 """Registry: loss name → its default recipe (and twist kind)."""
 
 HEAD_KINDS = ("embedding", "linear", "mlp", "lora", "conditional", "tabular")
-"""Kinds that CTL trains as heads with their own normaliser estimate (negatives), i.e. every kind but the ratio
-twist: they keep rounds 3–5's CTL settings (the embedding head with its options, the others with theirs)."""
+"""Every kind but the ratio twist: with CTL and SIXO they keep rounds 3–5's settings (the embedding head with its
+options, the others with theirs), so the commands documented for them mean what they meant."""
 
 KIND_RECIPES: dict[tuple[str, str], TwistRecipe] = {
-    ("ctl", kind): TwistRecipe(
-        "ctl",
+    (loss, kind): TwistRecipe(
+        loss,
         kind,
         CORPUS_TWIST if kind == "embedding" else {},
         CORPUS_CONFIG,
-        "off-policy on the cached p0 corpus, negatives reweighted to π_t (rounds 3–5's CTL)",
+        f"off-policy on the cached p0 corpus (rounds 3–5's {loss.upper()})",
     )
+    for loss in ("ctl", "sixo")
     for kind in HEAD_KINDS
 }
 """Registry: (loss, twist kind) → the recipe of that kind when it is not the loss's default kind."""
