@@ -129,10 +129,15 @@ def ctl_loss(
         neg_learned=(neg_learned, "B,K,T"),
     )
     w = safe_softmax(neg_log_weight.detach(), dim=1)
-    pos_term = (pos_weight.detach() * _masked(pos_log_psi, pos_weight > 0)).sum(dim=(1, 2))
+    pos_term, valid = _positive_term(pos_log_psi, pos_weight)
     neg_term = (_masked(w, neg_learned) * _masked(neg_log_psi, neg_learned)).sum(dim=(1, 2))
-    valid = pos_weight.sum(dim=(1, 2)) > 0
     return _mean_over(neg_term - pos_term, valid, neg_log_psi)
+
+
+def _positive_term(pos_log_psi: torch.Tensor, pos_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) Σ_{i,t} a_i ℓ_t over each group's positives, and (B,) whether the group has any."""
+    pos_term = (pos_weight.detach() * _masked(pos_log_psi, pos_weight > 0)).sum(dim=(1, 2))
+    return pos_term, pos_weight.sum(dim=(1, 2)) > 0
 
 
 def rl_loss(log_psi: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -302,8 +307,7 @@ def ctl_loss_normalised(pos_log_psi: torch.Tensor, pos_weight: torch.Tensor) -> 
     ∇ log Z_t = 0, so the surrogate is −Σ_t E_σ[ℓ_t] alone — maximum likelihood of the twist-induced proposal on
     the positives. Inputs as in :func:`ctl_loss`."""
     _check_shapes(pos_log_psi=(pos_log_psi, "B,P,T"), pos_weight=(pos_weight, "B,P,T"))
-    pos_term = (pos_weight.detach() * _masked(pos_log_psi, pos_weight > 0)).sum(dim=(1, 2))
-    valid = pos_weight.sum(dim=(1, 2)) > 0
+    pos_term, valid = _positive_term(pos_log_psi, pos_weight)
     return _mean_over(-pos_term, valid, pos_log_psi)
 
 

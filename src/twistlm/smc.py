@@ -183,7 +183,7 @@ def run_smc(
         active_dev = active.to(logp0.device)
         log_psi = None
         if twist is not None:
-            ctx = TwistContext(state.hidden, tokens[:, : t - 1], t, T, prompt_index)
+            ctx = TwistContext(state.hidden, tokens[:, : t - 1], t, T, prompt_index, logp0)
             raw_psi = twist.log_psi(ctx)
             log_psi = raw_psi.to(device=logp0.device, dtype=logp0.dtype)
         if proposal == "twisted":

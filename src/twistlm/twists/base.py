@@ -27,6 +27,8 @@ class TwistContext:
     step: t, the position of the token about to be sampled.
     max_new_tokens: T.
     prompt_index: (N,) which prompt each particle belongs to (for conditional twists).
+    logp0: (N, V) log p0(· | s_<t) when the caller has it (the sampler does), so a twist that needs p0 (the ratio
+        twist) does not recompute it; None: derive it from ``hidden`` if needed.
     """
 
     hidden: torch.Tensor
@@ -34,6 +36,7 @@ class TwistContext:
     step: int
     max_new_tokens: int
     prompt_index: torch.Tensor
+    logp0: torch.Tensor | None = None
 
 
 class Twist(nn.Module):

@@ -70,17 +70,21 @@ class RatioTwist(AdaptedCopyTwist):
         head = self.output_head
         return torch.log_softmax(head(hidden.to(device=head.weight.device, dtype=head.weight.dtype)).float(), dim=-1)
 
-    def _step_ratio(self, adapted_hidden: torch.Tensor, base_hidden: torch.Tensor) -> torch.Tensor:
-        """(…, V) log q_θ(· | s_<t) − log p0(· | s_<t); grad flows through q_θ only."""
-        with torch.no_grad():
-            logp0 = self._logp(base_hidden)
-        return self._logp(adapted_hidden) - logp0
+    def _step_ratio(self, adapted_hidden: torch.Tensor, base_hidden: torch.Tensor,
+                    logp0: torch.Tensor | None = None) -> torch.Tensor:
+        """(…, V) log q_θ(· | s_<t) − log p0(· | s_<t) (``logp0`` when the caller has it, else from the base LM's
+        hidden state); grad flows through q_θ only."""
+        logq = self._logp(adapted_hidden)
+        if logp0 is None or logp0.shape[-1] != logq.shape[-1]:
+            with torch.no_grad():
+                logp0 = self._logp(base_hidden)
+        return logq - logp0.to(logq.device, logq.dtype).detach()
 
     # -- sampling --------------------------------------------------------------------------------------------------------
 
     def log_psi(self, ctx: TwistContext) -> torch.Tensor:
         hidden, parent = self._sync(ctx)
-        ratio = self._step_ratio(hidden, ctx.hidden)
+        ratio = self._step_ratio(hidden, ctx.hidden, ctx.logp0)
         offset = self._carry(parent, ctx)
         self._offset, self._ratio = offset, ratio
         return (offset.unsqueeze(1) + ratio).to(ctx.hidden.device)
@@ -130,7 +134,7 @@ class RatioTwist(AdaptedCopyTwist):
     def log_psi_prefixes(self, feats: PrefixFeatures) -> torch.Tensor:
         """(N, T, V) log ψ_t(s_<t, v) over all prefixes and tokens, with grad (the on-policy trainers' input)."""
         rows: Sequence = [feats.prompt_ids[b] for b in feats.prompt_index.tolist()]
-        ratio = self._step_ratio(self.prefix_hidden(rows, feats.tokens), feats.hidden)
+        ratio = self._step_ratio(self.prefix_hidden(rows, feats.tokens), feats.hidden, feats.logp0)
         at = feats.tokens.to(ratio.device).unsqueeze(-1)
         taken = ratio.gather(-1, at).squeeze(-1)
         offset = torch.cumsum(taken, dim=1) - taken  # c(s_<t): the ratios of s_1 … s_t−1
