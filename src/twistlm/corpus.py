@@ -186,31 +186,76 @@ def build_corpus(
 
 
 def load_corpus(
-    directory: str | os.PathLike, target: Target | None = None, samples_per_prompt: int | None = None
+    directory: str | os.PathLike,
+    target: Target | None = None,
+    samples_per_prompt: int | None = None,
+    *,
+    chunks: range | None = None,
 ) -> SampleCorpus:
-    """The corpus in ``directory``: its first ⌈samples_per_prompt / chunk⌉ chunks (default: every chunk present).
+    """The corpus in ``directory``: its first ⌈samples_per_prompt / chunk⌉ chunks (default: every chunk present), or
+    exactly the chunks numbered in ``chunks`` (e.g. ``range(24, 48)``: a held-out part, independent of chunks 0–23).
     With ``target``, refused unless drawn for the same target."""
     directory = Path(directory)
     info = _read_config(directory)
     if target is not None:
         _check_same(info, corpus_fingerprint(target), directory, keys=tuple(corpus_fingerprint(target)))
     chunk = int(info["chunk_particles"])
-    if samples_per_prompt is None:
-        chunks = 0
-        while (directory / CHUNK_NAME.format(chunks)).is_file():
-            chunks += 1
-        if chunks == 0:
+    if chunks is not None and samples_per_prompt is not None:
+        raise ConfigError("give samples_per_prompt or chunks, not both")
+    if chunks is None and samples_per_prompt is None:
+        present = 0
+        while (directory / CHUNK_NAME.format(present)).is_file():
+            present += 1
+        if present == 0:
             raise ConfigError(f"corpus {directory} has no chunk yet")
-    else:
-        chunks = -(-samples_per_prompt // chunk)
+        chunks = range(present)
+    elif chunks is None:
+        chunks = range(-(-samples_per_prompt // chunk))
+    if len(chunks) == 0 or chunks[0] < 0:
+        raise ConfigError(f"corpus chunks must be a non-empty range of chunk numbers ≥ 0, got {chunks!r}")
     parts = []
-    for c in range(chunks):
+    for c in chunks:
         path = directory / CHUNK_NAME.format(c)
         if not path.is_file():
             raise ConfigError(f"corpus {directory} is incomplete: {path.name} is missing (build it again to finish it)")
         parts.append(_load_chunk(path))
     data = {k: torch.cat([p[k] for p in parts]) for k in FIELDS}
-    return SampleCorpus(**data, info={**info, "samples_per_prompt": chunks * chunk})
+    span = [chunks[0], chunks[-1] + 1]
+    return SampleCorpus(**data, info={**info, "samples_per_prompt": len(chunks) * chunk, "chunks": span})
+
+
+def rescore_corpus(source: str | os.PathLike, target: Target, directory: str | os.PathLike) -> SampleCorpus:
+    """The corpus of ``source`` re-scored for ``target``'s potential, written to ``directory``.
+
+    A corpus's rows are p0 samples drawn with κ = 0, so its tokens and features depend on the prompts, the horizon,
+    the model and the seed only, never on φ: re-scoring every row with another potential of the same prompts and
+    horizon gives exactly the corpus :func:`build_corpus` would draw for it with the same seed (a test checks this),
+    without sampling again. Chunks are written atomically and a killed run resumes; ``directory`` must be another
+    folder (the source stays valid for its own target).
+    """
+    source, directory = Path(source), Path(directory)
+    info = _read_config(source)
+    wanted = {**corpus_fingerprint(target), "chunk_particles": int(info["chunk_particles"]), "seed": int(info["seed"])}
+    same_draws = tuple(k for k in wanted if k != "potential")
+    _check_same(info, wanted, source, keys=same_draws)
+    if source.resolve() == directory.resolve():
+        raise ConfigError(f"rescore_corpus writes a new folder; {directory} is the source corpus")
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / CONFIG_NAME
+    if config_path.exists():
+        _check_same(_read_config(directory), wanted, directory, keys=tuple(wanted))
+    else:
+        atomic_write_text(config_path, json.dumps(wanted, indent=1, sort_keys=True))
+    c = 0
+    while (source / CHUNK_NAME.format(c)).is_file():
+        path = directory / CHUNK_NAME.format(c)
+        if not _readable(path):
+            data = _load_chunk(source / CHUNK_NAME.format(c))
+            rows = [data["tokens"][n, : int(data["lengths"][n])].tolist() for n in range(data["tokens"].shape[0])]
+            data["log_phi"] = target.log_phi(rows, data["prompt_index"].tolist()).double().cpu()
+            atomic_save_safetensors(path, data)
+        c += 1
+    return load_corpus(directory, target)
 
 
 def _load_chunk(path: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from twistlm.bounds import select_prompts
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.smc import run_smc
 from twistlm.target import Target
+
+if TYPE_CHECKING:
+    from twistlm.corpus import SampleCorpus
 
 Z975 = 1.959963984540054
 
@@ -156,4 +160,44 @@ def rejection_sample(
         z_ci=z_ci,
         complete=complete,
         log_phi=accepted_phi,
+    )
+
+
+def rejection_from_corpus(
+    corpus: SampleCorpus, target: Target, num_samples: int, *, prompt: int = 0, seed: int = 0
+) -> RejectionResult:
+    """Exact σ samples by rejection over the stored p0 draws of a :class:`~twistlm.corpus.SampleCorpus`.
+
+    The corpus rows of prompt ``prompt`` are independent p0 samples with their log φ, i.e. the proposals a rejection
+    sampler would draw: each is accepted iff log U < log φ (U ~ Uniform(0, 1), seeded), and the first
+    ``num_samples`` accepted rows are returned (fewer if the corpus holds fewer: ``complete=False``). All P rows are
+    looked at, so Ẑ = A / P over every acceptance A is the unbiased binomial estimate (Wilson interval). Use a corpus
+    (or chunk range) that trained nothing you evaluate with it, else the samples are not independent of the proposal.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if target.potential is not None and not getattr(target.potential, "bounded", False):
+        raise ConfigError(f"rejection sampling needs a bounded potential (0 ≤ φ ≤ 1); {target.potential!r} is not")
+    rows = corpus.rows_of(prompt)
+    if rows.numel() == 0:
+        raise ConfigError(f"the corpus has no sample of prompt {prompt}")
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(rows.numel(), generator=gen, dtype=torch.float64)
+    hits = rows[(torch.log(u) < corpus.log_phi[rows].double()).nonzero().squeeze(1)]
+    kept = hits[:num_samples]
+    accepted = [corpus.tokens[n, : int(corpus.lengths[n])].tolist() for n in kept.tolist()]
+    proposed, n_acc = int(rows.numel()), int(hits.numel())
+    rate = n_acc / proposed
+    return RejectionResult(
+        prompt=target.prompt_texts[prompt],
+        token_ids=accepted,
+        texts=[target.lm.decode(target.completion_ids(s)) for s in accepted],
+        num_proposed=proposed,
+        num_accepted=n_acc,
+        num_requested=num_samples,
+        acceptance_rate=rate,
+        z_hat=rate,
+        z_ci=wilson_interval(n_acc, proposed),
+        complete=len(accepted) == num_samples,
+        log_phi=[float(corpus.log_phi[n]) for n in kept.tolist()],
     )

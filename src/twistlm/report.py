@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twistlm.bounds import BoundsResult, Estimate, ProgressCallback, log_z_bounds
 from twistlm.errors import ConfigError
@@ -29,7 +29,10 @@ from twistlm.files import apply_umask
 from twistlm.kl import KLEstimate, kl_estimates, kl_from_bounds
 from twistlm.target import Target
 
-EXACT_METHODS = ("auto", "rejection", "bdmc", "none")
+if TYPE_CHECKING:
+    from twistlm.corpus import SampleCorpus
+
+EXACT_METHODS = ("auto", "rejection", "corpus", "bdmc", "none")
 BDMC_SLACK, BDMC_MIN_EXTRA = 4, 4
 """BDMC draws per batch: the runs needed + 1/BDMC_SLACK of them + BDMC_MIN_EXTRA (redrawn when too many stop early)."""
 
@@ -101,17 +104,21 @@ def evaluate(
     max_batch_particles: int = 4096,
     progress: ProgressCallback | None = None,
     meta: dict[str, Any] | None = None,
+    exact_corpus: SampleCorpus | None = None,
 ) -> EvaluationReport:
     """Bounds and KL estimates for each proposal on prompt 0 of ``target``, from ``num_runs`` runs per (proposal, K).
 
     exact: where exact σ samples for the upper bounds and KL(σ‖q) come from — "rejection" (needs a bounded φ),
     "bdmc" (infilling: the potential must read the observed ending o as token ids from ``extras["observation"]``,
     as :class:`~twistlm.potentials.likelihood.InfillingPotential` does without a fixed observation; ``ending_tokens``
-    = c; see :mod:`twistlm.bdmc`), "none", or "auto" (rejection if φ is bounded).
+    = c; see :mod:`twistlm.bdmc`), "corpus" (rejection over the stored p0 draws of ``exact_corpus``, a
+    :class:`~twistlm.corpus.SampleCorpus` of this target that trained none of the proposals: no new p0 sampling,
+    which for a rare event is most of the cost), "none", or "auto" (corpus if one is given, else rejection if φ is
+    bounded).
     """
     from twistlm.bdmc import infilling_problem
     from twistlm.bounds import select_prompts
-    from twistlm.rejection import rejection_sample
+    from twistlm.rejection import rejection_from_corpus, rejection_sample
     from twistlm.report_samples import report_examples
 
     if exact not in EXACT_METHODS:
@@ -119,9 +126,17 @@ def evaluate(
     if target.num_prompts > 1:
         target = select_prompts(target, [0])
     if exact == "auto":
-        exact = "rejection" if getattr(target.potential, "bounded", False) else "none"
+        bounded = getattr(target.potential, "bounded", False)
+        exact = "corpus" if exact_corpus is not None else "rejection" if bounded else "none"
+    if (exact == "corpus") != (exact_corpus is not None):
+        raise ConfigError("exact samples from a corpus need both exact='corpus' and a corpus (exact_corpus)")
     samples, info, runs = None, None, num_runs
-    if exact == "rejection":
+    if exact == "corpus":
+        rej = rejection_from_corpus(exact_corpus, target, num_runs, seed=seed)
+        samples, info = rej.token_ids, {**rej.to_dict(), "source": "corpus", "corpus": exact_corpus.info}
+        if not samples:
+            raise ConfigError(f"the exact-sample corpus has no accepted row among its {rej.num_proposed} samples")
+    elif exact == "rejection":
         if progress is not None:
             progress(0, 1, "rejection sampling")
         rej = rejection_sample(

@@ -32,6 +32,7 @@ from twistlm.cli.common import (
     load_twist,
     parse_options,
 )
+from twistlm.corpus import load_corpus
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.lm import ParticleLM
 from twistlm.report import EXACT_METHODS, write_report
@@ -53,6 +54,20 @@ def _parse_particles(text: str) -> list[int]:
     if not counts or counts[0] < 1:
         raise ConfigError(f"--particles must be positive integers, got {text!r}")
     return counts
+
+
+def _parse_chunks(text: str | None, corpus: Path | None) -> range | None:
+    if text is None:
+        return None
+    if corpus is None:
+        raise ConfigError("--exact-chunks selects chunks of --exact-corpus; give --exact-corpus DIR too")
+    try:
+        start, stop = (int(x) for x in text.split(":"))
+    except ValueError as exc:
+        raise ConfigError(f"--exact-chunks must be A:B (two chunk numbers), got {text!r}") from exc
+    if not 0 <= start < stop:
+        raise ConfigError(f"--exact-chunks A:B needs 0 ≤ A < B, got {text!r}")
+    return range(start, stop)
 
 
 def _twist_names(paths: list[Path], prefix: str = "twist") -> list[str]:
@@ -127,8 +142,20 @@ def evaluate(
         typer.Option("--model", "-m", help="Hub id, model directory, .gguf file, or 'toy' (testing aid)."),
     ] = None,
     exact: Annotated[
-        str, typer.Option("--exact", help="Exact σ samples for upper bounds: auto | rejection | bdmc | none.")
+        str, typer.Option("--exact", help="Exact σ samples for upper bounds: auto | rejection | corpus | bdmc | none.")
     ] = "auto",
+    exact_corpus: Annotated[
+        Path | None,
+        typer.Option(
+            "--exact-corpus",
+            help="A p0 corpus of this target (a train-twist corpus folder) whose rows serve as rejection proposals "
+            "(--exact corpus; implied): no new p0 draws. It must not be the corpus a --twist trained on.",
+        ),
+    ] = None,
+    exact_chunks: Annotated[
+        str | None,
+        typer.Option("--exact-chunks", help="Only these chunks of --exact-corpus, A:B (chunk A to B − 1)."),
+    ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", "-T", help="Horizon T (default: the task's).")
     ] = None,
@@ -155,6 +182,11 @@ def evaluate(
         raise ConfigError(f"--seeds must be at least 2 (confidence intervals), got {seeds}")
     if exact not in EXACT_METHODS:
         raise ConfigError(f"unknown --exact {exact!r}; choose from: {', '.join(EXACT_METHODS)}")
+    chunks = _parse_chunks(exact_chunks, exact_corpus)
+    if exact == "corpus" and exact_corpus is None:
+        raise ConfigError("--exact corpus needs --exact-corpus DIR")
+    if exact_corpus is not None and exact not in ("auto", "corpus"):
+        raise ConfigError(f"--exact-corpus is a source of exact samples; it cannot be combined with --exact {exact}")
     if sampler not in ("smc", "sis"):
         raise ConfigError(f"unknown --sampler {sampler!r}; choose from: smc, sis")
     if resampler not in RESAMPLERS:
@@ -181,6 +213,7 @@ def evaluate(
     with loading_status(model or 'embedded', quiet):
         lm = load_model(model)
     target = task_obj.build(lm, max_new_tokens=max_new_tokens, **options)
+    pool = None if exact_corpus is None else load_corpus(exact_corpus, target, chunks=chunks)
     proposals: dict[str, Any] = {"base": "base"}
     for name, path in zip(_twist_names(twists), twists):
         proposals[name] = ("twisted", load_twist(path, lm))
@@ -199,7 +232,7 @@ def evaluate(
     kwargs = {
         "exact": exact, "ending_tokens": ending_tokens, "sampler": sampler, "resampler": resampler,
         "ess_threshold": ess_threshold, "seed": seed, "max_proposals": max_proposals,
-        "max_batch_particles": batch_particles, "meta": meta,
+        "max_batch_particles": batch_particles, "meta": meta, "exact_corpus": pool,
     }  # fmt: skip
     if quiet:
         report = run_evaluation(target, proposals, counts, seeds, **kwargs)
