@@ -176,7 +176,7 @@ def rejection_from_corpus(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if target.potential is not None and not getattr(target.potential, "bounded", False):
+    if not getattr(target.potential, "bounded", False):
         raise ConfigError(f"rejection sampling needs a bounded potential (0 ≤ φ ≤ 1); {target.potential!r} is not")
     rows = corpus.rows_of(prompt)
     if rows.numel() == 0:
