@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from test_positives import HasB
 from test_training import SoftLetter
 
 import twistlm
@@ -21,23 +22,12 @@ from twistlm.cli import run_app
 from twistlm.corpus import build_corpus, load_corpus, rescore_corpus
 from twistlm.errors import ConfigError
 from twistlm.exact import enumerate_target
-from twistlm.potentials import Potential
 from twistlm.rejection import rejection_from_corpus
 from twistlm.report import evaluate
 from twistlm.tasks.registry import TASKS, Task, register_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TASK = "toy-corpus-exact-test"
-
-
-class HardLetter(Potential):
-    """φ(s) = 1[token 2 in s]: a hard event, as a red-teaming threshold is."""
-
-    name = "hard-letter"
-    bounded = True
-
-    def log_phi(self, seqs):
-        return torch.tensor([0.0 if 2 in ids else -math.inf for ids in seqs.token_ids], dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +40,7 @@ def _target(lm, potential):
 
 
 def test_rescored_corpus_equals_the_corpus_drawn_for_the_new_potential(lm, tmp_path):
-    soft, hard = _target(lm, SoftLetter()), _target(lm, HardLetter())
+    soft, hard = _target(lm, SoftLetter()), _target(lm, HasB())
     build_corpus(soft, tmp_path / "soft", 48, seed=4, chunk_particles=16)
     rescored = rescore_corpus(tmp_path / "soft", hard, tmp_path / "hard")
     drawn = build_corpus(hard, tmp_path / "drawn", 48, seed=4, chunk_particles=16)
@@ -59,7 +49,7 @@ def test_rescored_corpus_equals_the_corpus_drawn_for_the_new_potential(lm, tmp_p
     assert load_corpus(tmp_path / "hard", hard).num_rows == 48  # loadable for its new target, refused for the old
     with pytest.raises(ConfigError, match="another potential"):
         load_corpus(tmp_path / "hard", soft)
-    other = Target(lm, prompts=["b"], potential=HardLetter(), max_new_tokens=3)
+    other = Target(lm, prompts=["b"], potential=HasB(), max_new_tokens=3)
     with pytest.raises(ConfigError, match="another prompt_ids"):
         rescore_corpus(tmp_path / "soft", other, tmp_path / "other")
     with pytest.raises(ConfigError, match="new folder"):
@@ -77,7 +67,7 @@ def test_chunk_ranges_are_the_corpus_rows_they_name(lm, tmp_path):
         load_corpus(tmp_path / "c", target, 16, chunks=range(1))
 
 
-@pytest.mark.parametrize("potential", [SoftLetter(), HardLetter()], ids=["soft", "hard"])
+@pytest.mark.parametrize("potential", [SoftLetter(), HasB()], ids=["soft", "hard"])
 def test_rejection_over_a_corpus_gives_sigma_samples_and_z(potential, lm, tmp_path):
     target = _target(lm, potential)
     corpus = build_corpus(target, tmp_path / "c", 6000, seed=6, chunk_particles=1000)

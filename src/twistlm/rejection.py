@@ -108,14 +108,7 @@ def rejection_sample(
     ``num_samples`` samples are accepted within ``max_proposals`` proposals, unless ``allow_partial`` (then the
     result has ``complete=False`` and holds what was accepted).
     """
-    potential = target.potential
-    if not getattr(potential, "bounded", False):
-        raise ConfigError(
-            f"rejection sampling needs a bounded potential (0 ≤ φ ≤ 1), but {potential!r} does not declare "
-            "bounded=True; use another source of exact samples (e.g. BDMC for infilling) or none"
-        )
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+    _check_request(target, num_samples)
     if batch_size < 1 or max_proposals < 1:
         raise ConfigError("batch_size and max_proposals must be positive")
     if not 0 <= prompt < target.num_prompts:
@@ -148,17 +141,42 @@ def rejection_sample(
             "Raise max_proposals, ask for fewer samples, pass allow_partial=True, or use a learned proposal instead"
         )
     z_hat = (n_acc - 1) / (proposed - 1) if complete and n_acc >= 2 and proposed > 1 else rate
+    return _result(single.prompt_texts[0], target, accepted, accepted_phi, proposed, n_acc, num_samples, z_hat)
+
+
+def _check_request(target: Target, num_samples: int) -> None:
+    potential = target.potential
+    if not getattr(potential, "bounded", False):
+        raise ConfigError(
+            f"rejection sampling needs a bounded potential (0 ≤ φ ≤ 1), but {potential!r} does not declare "
+            "bounded=True; use another source of exact samples (e.g. BDMC for infilling) or none"
+        )
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+
+
+def _result(
+    prompt: str,
+    target: Target,
+    accepted: list[list[int]],
+    accepted_phi: list[float],
+    proposed: int,
+    n_acc: int,
+    requested: int,
+    z_hat: float,
+) -> RejectionResult:
+    """The result of ``n_acc`` acceptances in ``proposed`` p0 draws, of which ``accepted`` are kept."""
     return RejectionResult(
-        prompt=single.prompt_texts[0],
+        prompt=prompt,
         token_ids=accepted,
         texts=[target.lm.decode(target.completion_ids(s)) for s in accepted],
         num_proposed=proposed,
         num_accepted=n_acc,
-        num_requested=num_samples,
-        acceptance_rate=rate,
+        num_requested=requested,
+        acceptance_rate=n_acc / proposed,
         z_hat=z_hat,
-        z_ci=z_ci,
-        complete=complete,
+        z_ci=wilson_interval(n_acc, proposed),
+        complete=len(accepted) == requested,
         log_phi=accepted_phi,
     )
 
@@ -174,10 +192,7 @@ def rejection_from_corpus(
     looked at, so Ẑ = A / P over every acceptance A is the unbiased binomial estimate (Wilson interval). Use a corpus
     (or chunk range) that trained nothing you evaluate with it, else the samples are not independent of the proposal.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if not getattr(target.potential, "bounded", False):
-        raise ConfigError(f"rejection sampling needs a bounded potential (0 ≤ φ ≤ 1); {target.potential!r} is not")
+    _check_request(target, num_samples)
     rows = corpus.rows_of(prompt)
     if rows.numel() == 0:
         raise ConfigError(f"the corpus has no sample of prompt {prompt}")
@@ -186,18 +201,8 @@ def rejection_from_corpus(
     hits = rows[(torch.log(u) < corpus.log_phi[rows].double()).nonzero().squeeze(1)]
     kept = hits[:num_samples]
     accepted = [corpus.tokens[n, : int(corpus.lengths[n])].tolist() for n in kept.tolist()]
+    kept_phi = [float(corpus.log_phi[n]) for n in kept.tolist()]
     proposed, n_acc = int(rows.numel()), int(hits.numel())
-    rate = n_acc / proposed
-    return RejectionResult(
-        prompt=target.prompt_texts[prompt],
-        token_ids=accepted,
-        texts=[target.lm.decode(target.completion_ids(s)) for s in accepted],
-        num_proposed=proposed,
-        num_accepted=n_acc,
-        num_requested=num_samples,
-        acceptance_rate=rate,
-        z_hat=rate,
-        z_ci=wilson_interval(n_acc, proposed),
-        complete=len(accepted) == num_samples,
-        log_phi=[float(corpus.log_phi[n]) for n in kept.tolist()],
+    return _result(
+        target.prompt_texts[prompt], target, accepted, kept_phi, proposed, n_acc, num_samples, n_acc / proposed
     )
