@@ -1,4 +1,4 @@
-"""A policy that reads the observation (:mod:`twistlm.gfn.conditioning`): q_θ(z | x, o) for latent-variable targets.
+"""A policy that reads the observation (:mod:`twistlm.conditioning`): q_θ(z | x, o) for latent-variable targets.
 
 On the toy LM (letters only) the observation block is the observation's letters alone (``ObservationFirst("", "")``,
 put in the registry for the test). Exactness: trained through the policy's own prompts, one tabular policy reaches
@@ -17,9 +17,9 @@ import torch
 from test_policy_proposal import RUNS, SE_TOLERANCE, z_score
 
 import twistlm
+from twistlm.conditioning import CONDITIONS, ObservationFirst, default_condition, get_condition
 from twistlm.errors import ConfigError
 from twistlm.exact import enumerate_target
-from twistlm.gfn.conditioning import CONDITIONS, ObservationFirst, default_condition, get_condition
 from twistlm.gfn.config import GFNConfig
 from twistlm.gfn.sampling import ActionSpace
 from twistlm.gfn.toy_policy import TabularPolicy

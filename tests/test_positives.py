@@ -77,6 +77,6 @@ def test_buffer_state_round_trip(target):
 def test_pad_groups_and_registry(target):
     out = pad_groups([[([1], 0.0)], []], filler=[0])
     assert out.sequences == [[1], [0]] and out.log_weight[1, 0] == -math.inf
-    assert set(POSITIVE_SOURCES) == {"exact", "smc", "rejection", "buffer"}
+    assert set(POSITIVE_SOURCES) == {"exact", "observed", "smc", "rejection", "buffer"}
     with pytest.raises(ConfigError, match="unknown positives source 'oracle'.*buffer"):
         get_positive_source("oracle", target)

@@ -88,7 +88,8 @@ def exact_kl(target: Target, twist, prompt: int = 0) -> float:
         twist.bind_target(target)
     log_q = exact.log_p0 + exact.log_phi - torch.stack([r.log_weights[0] for r in results])
     sigma = exact.probs
-    return float((sigma * (sigma.log() - log_q)).sum())
+    terms = torch.where(sigma > 0, sigma * (sigma.log() - log_q), 0.0)  # σ = 0 sequences (φ = 0) contribute 0
+    return float(terms.sum())
 
 
 # ------------------------------------------------------------------------------------------------ config

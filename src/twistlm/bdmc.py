@@ -37,6 +37,9 @@ from twistlm.potentials.base import Potential, Sequences
 from twistlm.potentials.likelihood import OBSERVATION_KEY
 from twistlm.target import Target
 
+EXACT_SAMPLE_KEY = "exact_sample"
+"""``target.extras`` key of each prompt's exact posterior sample s* (token ids), where a task provides one."""
+
 
 @dataclass
 class InfillingPair:

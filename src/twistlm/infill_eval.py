@@ -6,7 +6,7 @@ Each method draws **one** infill per story (registry :data:`METHODS`):
 
 * ``p0`` — the base model after x alone (the ending unseen): p0(z | x);
 * ``prompt`` — the base model prompted with the ending first (``"Ending: " y "\\n\\n" x``, the observation condition
-  of :mod:`twistlm.gfn.conditioning`; zero-shot prompting, and a LoRA policy's starting point);
+  of :mod:`twistlm.conditioning`; zero-shot prompting, and a LoRA policy's starting point);
 * ``smc`` — SMC on σ with the base proposal, ``particles`` particles, one returned by its final weight (an
   approximate σ sample; SIS when ``ess_threshold`` is 0);
 * a trained policy (a ``train-gfn`` folder: the GFlowNet or the SFT policy) — one draw from q_θ(z | its prompt)
@@ -85,7 +85,7 @@ def draw_from(lm: Any, prompts: Sequence[Sequence[int]], target: Target, generat
 
 @register_method("prompt")
 def infill_prompt(target: Target, generator: torch.Generator, settings: dict) -> list[str]:
-    from twistlm.gfn.conditioning import get_condition
+    from twistlm.conditioning import get_condition
 
     return draw_from(target.lm, get_condition("observation")(target), target, generator)
 

@@ -15,7 +15,7 @@ exact per token (q_t is normalised over the vocabulary), so Ẑ is unbiased for 
 always true of a softmax over the full vocabulary.
 
 What the policy reads (:func:`policy_prompt_ids`): the target's prompts, or — for a policy conditioned on the
-observation (:mod:`twistlm.gfn.conditioning`; the policy or its LM carries a ``condition`` callable) — its own prompt
+observation (:mod:`twistlm.conditioning`; the policy or its LM carries a ``condition`` callable) — its own prompt
 per target prompt, e.g. the ending o before the beginning x. Only q changes; p0 and φ read the target's prompts, so the
 weights below stay exact.
 

@@ -3,6 +3,11 @@
 MATH.md's losses take "positives" s ~ σ. Where they come from is a choice with a cost/bias trade-off:
 
 * ``exact``: i.i.d. draws from σ by enumeration (toy problems only).
+* ``observed``: each prompt's own exact sample, ``target.extras["exact_sample"]`` (BDMC infilling: for a joint p0
+  draw (s*, o), s* is an exact draw of σ(· | o); :mod:`twistlm.bdmc`). One sample per prompt, so it serves a twist
+  amortized over many prompts (``prompts_per_step``): the positives of an update are the exact samples of the
+  prompts it drew, averaged over o ~ p0 — CTL with a ratio twist is then maximum likelihood of q_θ(s | o) on
+  simulated pairs. Free: nothing is sampled.
 * ``rejection``: fresh p0 draws accepted with probability φ (exact; 0 ≤ φ ≤ 1 only). Costs ``rejection_particles``
   samples per step, so with Z = E_p0[φ] ≈ 0.005 (toxicity) it yields a positive only every few steps.
 * ``smc``: twisted SMC particles with their normalised weights (MATH.md's approximate positives; consistent in K).
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from twistlm.bdmc import EXACT_SAMPLE_KEY
 from twistlm.errors import ConfigError
 from twistlm.exact import enumerate_target
 from twistlm.smc import run_smc
@@ -145,6 +151,33 @@ class ExactPositives(PositiveSource):
         return Samples(seqs, log_phi, torch.zeros_like(log_phi))
 
 
+class ObservedPositives(PositiveSource):
+    """Each prompt's exact sample from ``target.extras["exact_sample"]``, repeated ``num_positives`` times (module
+    docstring), with its log φ under the target's potential."""
+
+    name = "observed"
+
+    def __init__(self, target: Target, capacity: int = 0):
+        super().__init__(target)
+        self._samples(target)  # refuses a target without exact samples before training starts
+
+    @staticmethod
+    def _samples(target: Target) -> list[list[int]]:
+        samples = target.extras.get(EXACT_SAMPLE_KEY)
+        if samples is None:
+            raise ConfigError(f"observed positives need each prompt's exact sample in target.extras"
+                              f"[{EXACT_SAMPLE_KEY!r}] (e.g. --task infilling in bdmc mode); this target has none")
+        return [list(map(int, s)) for s in samples]
+
+    def draw(self, request: PositiveRequest) -> Samples:
+        target, n = request.target, request.num_positives
+        rows = self._samples(target)
+        seqs = [row for row in rows for _ in range(n)]
+        index = [b for b in range(target.num_prompts) for _ in range(n)]
+        log_phi = target.log_phi(seqs, index).to(torch.float64).view(target.num_prompts, n)
+        return Samples(seqs, log_phi, torch.zeros_like(log_phi))
+
+
 class SMCPositives(PositiveSource):
     name = "smc"
 
@@ -231,6 +264,7 @@ class BufferPositives(PositiveSource):
 
 POSITIVE_SOURCES: dict[str, Callable[..., PositiveSource]] = {
     "exact": ExactPositives,
+    "observed": ObservedPositives,
     "smc": SMCPositives,
     "rejection": RejectionPositives,
     "buffer": BufferPositives,

@@ -2,7 +2,8 @@
 kind) where another kind has its own, the settings EXPERIMENTS.md's tables were made with, so the command with no
 tuning flags reproduces them.
 
-A recipe names a twist kind with its options and values for :class:`~twistlm.training.TwistTrainingConfig` fields.
+A recipe names a twist kind with its options and values for :class:`~twistlm.training.TwistTrainingConfig` fields
+(and, for a task's own recipe, task options: the training data it is built from).
 The CLI fills every setting the user did not give from the recipe of the chosen loss; an explicit flag or
 ``--train-option`` always wins. The off-policy losses (CTL with target positives, SIXO, FUDGE) train on a cached
 corpus of p0 samples (:mod:`twistlm.corpus_training`); RL bootstraps on full-vocabulary values and keeps on-policy
@@ -33,6 +34,7 @@ class TwistRecipe:
     twist_options: Mapping = field(default_factory=dict)
     config: Mapping = field(default_factory=dict)
     note: str = ""
+    task_options: Mapping = field(default_factory=dict)
 
     def settings(self, given: Mapping) -> dict:
         """Config values: the recipe's, overridden by ``given`` (the user's). A corpus recipe's values were tuned for
@@ -123,9 +125,44 @@ KIND_RECIPES: dict[tuple[str, str], TwistRecipe] = {
 """Registry: (loss, twist kind) → the recipe of that kind when it is not the loss's default kind."""
 
 
-def twist_recipe(loss: str, twist_kind: str | None = None) -> TwistRecipe:
-    """The recipe of ``loss`` with ``twist_kind`` (None: the loss's default kind). A kind with no recipe of its own
-    gets the default recipe's training settings (its twist options apply to the default kind only)."""
+INFILLING_TWIST = _frozen({**RATIO_TWIST, "condition": "observation"})
+"""The ratio twist reading the ending o (q_θ(s | o, x), :mod:`twistlm.conditioning`)."""
+INFILLING_DATA = _frozen({"problems": 4096, "seed": 10_000})
+"""4,096 BDMC problems (x, o, s*) drawn with seed 10,000 (evaluation draws its own from ``--seed``)."""
+INFILLING_CONFIG = _frozen(
+    {
+        "positives": "observed",
+        "num_positives": 1,
+        "prompts_per_step": 16,
+        "max_steps": 250,
+        "learning_rate": 3e-4,
+        "weight_decay": 0.0,
+        "eval_particles": 4,
+        "logging_steps": 25,
+    }
+)
+"""CTL with exact positives: each update takes 16 of the problems and their exact samples s* — maximum likelihood of
+q_θ(s | o, x) on joint p0 draws, amortized over o. 250 updates × 16 = 4,000 draws, about one pass over the problems
+(few repeats to memorise). ``eval_particles`` 4: the logged twisted SIS runs over the update's 16 problems. Cost on
+one core here: ≈ 0.13 s per BDMC problem drawn, ≈ 0.4 s per trained positive (a forward and backward of the copy
+over ≈ 45 tokens)."""
+
+TASK_RECIPES: dict[tuple[str, str], TwistRecipe] = {
+    ("infilling", "ctl"): TwistRecipe(
+        "ctl", "ratio", INFILLING_TWIST, INFILLING_CONFIG,
+        "observation-reading ratio twist, maximum likelihood on BDMC pairs", INFILLING_DATA,
+    ),
+}
+"""Registry: (task, loss) → that task's own recipe (used with the recipe's twist kind or no kind given)."""
+
+
+def twist_recipe(loss: str, twist_kind: str | None = None, task: str | None = None) -> TwistRecipe:
+    """The recipe of ``loss`` with ``twist_kind`` (None: the loss's default kind) for ``task``: the task's own when it
+    has one for the loss (and the kind is its kind or unset), else the kind's, else the loss's. A kind with no recipe of
+    its own gets the default recipe's training settings (its twist options apply to the default kind only)."""
     if loss not in RECIPES:
         raise ConfigError(f"no training recipe for loss {loss!r}; choose from: {', '.join(sorted(RECIPES))}")
+    own = TASK_RECIPES.get((task, loss))
+    if own is not None and twist_kind in (None, own.twist_kind):
+        return own
     return KIND_RECIPES.get((loss, twist_kind), RECIPES[loss])

@@ -64,7 +64,7 @@ class TwistTrainingConfig(LoopConfig):
     proposal: str | None = field(
         default=None, metadata={"help": "Proposal of the negatives: base | twisted (default: the loss's choice)."}
     )
-    positives: str = field(default="smc", metadata={"help": "Positives: exact | smc | rejection | buffer."})
+    positives: str = field(default="smc", metadata={"help": "Positives: exact | observed | smc | rejection | buffer."})
     buffer_size: int = field(default=0, metadata={"help": "Replay buffer capacity per prompt (0: the default)."})
     positive_ess_threshold: float = field(default=0.5, metadata={"help": "κ of the SMC that draws positives."})
     rejection_particles: int | None = field(

@@ -6,6 +6,9 @@ Dataset mode (one twist trained over many questions, :class:`twistlm.prompt_data
 * without that option, the task has a dataset (``gsm8k``) and ``-o data=`` is given without ``-o index=`` (one
   problem): then P = :data:`DEFAULT_PROMPTS_PER_STEP`.
 
+A task without a dataset trains in dataset mode over the prompts its target holds, when it builds several (BDMC
+infilling with ``-o problems=N``: N problems, each its own ending o and exact sample).
+
 In dataset mode a task with a dev split trains on ``part=train`` unless ``-o part=`` says otherwise (the last
 ``dev_size`` rows stay held out for ``twistlm search``, which defaults to ``part=dev``); the target holds every row of
 that part and each update draws P of them.
@@ -34,11 +37,8 @@ def resolve(task: Task, options: dict[str, Any], train_options: dict[str, Any]) 
             and INDEX_OPTION not in options:
         size = DEFAULT_PROMPTS_PER_STEP
         train_options = {**train_options, FIELD: size}
-    if not size:
+    if not size or task.dataset is None:  # without a dataset: the built target's prompts (training_target)
         return options, train_options
-    if task.dataset is None:
-        raise ConfigError(f"task {task.name!r} has no dataset of prompts: prompts_per_step needs a task with one "
-                          "(e.g. gsm8k)")
     if PART_OPTION in task.options and PART_OPTION not in options:
         options = {**options, PART_OPTION: TRAIN_PART}
     task.dataset(**options)  # read and check the rows now, before a model is loaded
@@ -51,6 +51,12 @@ def training_target(task: Task, lm: ParticleLM, max_new_tokens: int | None, opti
     template = task.build(lm, max_new_tokens=max_new_tokens, **options)
     if not prompts_per_step:
         return template, None
+    if task.dataset is None:
+        if template.num_prompts < 2:
+            raise ConfigError(f"task {task.name!r} has no dataset of prompts and built one prompt: prompts_per_step "
+                              "needs a task with a dataset (e.g. gsm8k) or one that builds many (e.g. infilling with "
+                              "-o problems=N)")
+        return template, f"training over the task's {template.num_prompts} prompts, {prompts_per_step} per update"
     data = task.dataset(**options)
     note = (f"training over {len(data)} questions (rows {data.first_row}–{data.row_number(len(data) - 1)} of "
             f"{data.source}), {prompts_per_step} per update")

@@ -132,11 +132,11 @@ def train_twist(
     """Train a twist ψ for a task (CTL, RL, SIXO or FUDGE) and save it with its config and training curves."""
     # Cheap checks first: nothing here loads a model.
     loss_spec = get_loss(loss)
-    recipe = twist_recipe(loss, twist_kind)
+    recipe = twist_recipe(loss, twist_kind, task)
     twist_kind = twist_kind or recipe.twist_kind
     twist_io.get_twist_kind(twist_kind)
     task_obj = get_task(task)
-    options = parse_options(task_option)
+    options = {**recipe.task_options, **parse_options(task_option)}
     check_task_options(task_obj, options)
     twist_options = parse_options(twist_option)
     if twist_kind == recipe.twist_kind:

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from twistlm.conditioning import CONDITIONS, get_condition
 from twistlm.errors import ConfigError, ModelLoadError
-from twistlm.gfn.conditioning import CONDITIONS, get_condition
 from twistlm.lm import HFLM
 
 POLICY_INFO_NAME = "gfn_policy.json"
@@ -242,7 +242,7 @@ def load_policy(lm: HFLM, directory: str | os.PathLike, *, task: str | None = No
     A policy trained for another base model, vocabulary, tokenizer or (when ``task`` is given) task is refused with
     a :class:`~twistlm.errors.ConfigError` naming both (:func:`check_policy_fits`). The adapter is injected into
     ``lm``'s model in place: ``lm`` computes q_θ too from now on (see the module docstring). The returned LM carries
-    the policy's prompt rule as ``.condition`` (:mod:`twistlm.gfn.conditioning`; samplers find it there).
+    the policy's prompt rule as ``.condition`` (:mod:`twistlm.conditioning`; samplers find it there).
     """
     from peft import PeftModel
 

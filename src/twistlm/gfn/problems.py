@@ -16,7 +16,7 @@ trajectories and the task's recipe defaults (registry ``PROBLEMS``; any other ta
   (:mod:`twistlm.latent_em`).
   Stories infilling and subjectivity share :func:`sentence_space` ("." the one stop action).
 * any other task — its own target (``prompts`` = how many of its prompts, from ``index``), the full vocabulary, its
-  stop tokens, 1 to T actions; a target with observations (``extras["observation"]``) gets a policy that reads them (:func:`~twistlm.gfn.conditioning.default_condition`).
+  stop tokens, 1 to T actions; a target with observations (``extras["observation"]``) gets a policy that reads them (:func:`~twistlm.conditioning.default_condition`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from twistlm.conditioning import default_condition
 from twistlm.errors import ConfigError
-from twistlm.gfn.conditioning import default_condition
 from twistlm.gfn.rewards import reward_for
 from twistlm.gfn.sampling import ActionSpace
 from twistlm.gfn.trainer import GFNProblem, GivenTrajectory

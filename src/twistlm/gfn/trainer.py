@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from twistlm.conditioning import get_condition
 from twistlm.errors import ConfigError
-from twistlm.gfn.conditioning import get_condition
 from twistlm.gfn.config import GFNConfig
 from twistlm.gfn.objectives import get_objective
 from twistlm.gfn.policy import CONDITION_KEY
@@ -62,7 +62,7 @@ class GivenTrajectory:
 class GFNProblem:
     """What a task hands the trainer: the target over *all* training prompts, the action space, the labelled
     trajectories by prompt index, the reward-temperature ramp (start, end, steps), facts for the policy's JSON,
-    ``condition``: what the policy reads (a name in :data:`twistlm.gfn.conditioning.CONDITIONS`), and
+    ``condition``: what the policy reads (a name in :data:`twistlm.conditioning.CONDITIONS`), and
     ``config``: the task's recipe — :class:`~twistlm.gfn.config.GFNConfig` values that replace the config's defaults
     where the user gave none (``train-gfn`` applies them; explicit flags win)."""
 

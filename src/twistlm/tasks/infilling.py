@@ -26,7 +26,7 @@ No binary goal (``success`` is None): compare samplers by log Ẑ, the bounds an
 
 from __future__ import annotations
 
-from twistlm.bdmc import ExactSpanPotential, bdmc_pairs
+from twistlm.bdmc import EXACT_SAMPLE_KEY, ExactSpanPotential, bdmc_pairs
 from twistlm.data import load_storycloze
 from twistlm.errors import ConfigError, PromptTooLongError
 from twistlm.lm import ParticleLM
@@ -41,7 +41,6 @@ DEFAULT_STORY_TOKENS = 24
 DEFAULT_ENDING_TOKENS = 8
 SHARED_PROMPT_BATCH = 64
 """BDMC draws per batch when every prompt is the same beginning."""
-EXACT_SAMPLE_KEY = "exact_sample"
 OBSERVATION_TEXT_KEY = "observation_text"
 MIDDLE_KEY = "middle"
 
@@ -60,6 +59,14 @@ OPTIONS = {
         None, "beginning x in bdmc mode without data", str, optional=True, default_text="a built-in story beginning"
     ),
     "ending_tokens": Option(DEFAULT_ENDING_TOKENS, "c, ending length in bdmc mode", int, minimum=1),
+    "problems": Option(
+        None,
+        "number of BDMC problems in bdmc mode, each its own draw of o (training data of an amortized twist)",
+        int,
+        minimum=1,
+        optional=True,
+        default_text="num_prompts",
+    ),
     "seed": Option(0, "seed of the BDMC draws", int, minimum=0),
 }
 
@@ -98,8 +105,12 @@ def build(
     prompt: str | None,
     ending_tokens: int,
     seed: int,
+    problems: int | None,
 ) -> Target:
     mode = mode or ("stories" if data is not None else "bdmc")
+    if mode == "stories" and problems is not None:
+        raise ConfigError("task 'infilling': problems= is for mode=bdmc; in mode=stories each story is a problem")
+    B = problems or B
     if mode == "stories":
         if data is None:
             raise ConfigError("task 'infilling': mode=stories needs a Story Cloze CSV: data=PATH")

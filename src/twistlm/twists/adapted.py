@@ -16,6 +16,12 @@ or :meth:`AdaptedCopyTwist.bind_target` before sampling. The sampler hooks (``st
 ``reorder(index)`` after resampling, no-ops on the base :class:`Twist`) make this automatic; the trainers bind the
 target too.
 
+What the copy reads (``condition``, :mod:`twistlm.conditioning`): the target's prompts x (``"prompt"``, the default),
+or ``"observation"``: ``"Ending: " o "\n\n" x`` with the observation o of each prompt (``target.extras
+["observation"]``, infilling's ending) — one twist amortized over observations, ψ_t(s_1:t | o). p0's side of every
+twist value keeps the target's own prompts (:attr:`AdaptedCopyTwist.base_rows`), so the twist still multiplies p0(s |
+x) and the SMC weights stay exact whatever the copy reads.
+
 Training (:meth:`AdaptedCopyTwist.prefix_hidden`) runs the adapted copy over whole sequences in one forward pass with
 grad. Only the adapters train; the copy's other weights are frozen, and only the adapters are saved.
 """
@@ -31,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from twistlm.conditioning import get_condition
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.lm import HFLM, LMState, ParticleLM
 from twistlm.twists.base import Twist, TwistContext
@@ -39,6 +46,7 @@ from twistlm.twists.io import check_compatible, load_twist_state, max_index, rea
 
 if TYPE_CHECKING:  # pragma: no cover
     from twistlm.target import Target
+    from twistlm.twists.features import PrefixFeatures
 
 Parent = tuple[torch.Tensor, bool]
 """How :meth:`AdaptedCopyTwist._sync` reached the new rows: (index of each row's cached row, whether a token was
@@ -66,8 +74,10 @@ class AdaptedCopyTwist(Twist):
         dropout: float = 0.0,
         target_modules: str | list[str] = "all-linear",
         base_model: str = "",
+        condition: str = "prompt",
     ):
         super().__init__()
+        get_condition(condition)  # refuses an unknown name
         from peft import LoraConfig, get_peft_model
 
         adapted = copy.deepcopy(model)
@@ -82,10 +92,12 @@ class AdaptedCopyTwist(Twist):
         self.hidden_size, self.vocab_size = int(head.weight.shape[1]), int(head.weight.shape[0])
         self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
         self.base_model = base_model
+        self.condition = condition
         self.eos_token_id = int(eos_token_id)
         self._runner = _HiddenOnlyLM(inner, SimpleNamespace(eos_token_id=self.eos_token_id), name=f"{self.kind}-twist")
         inner.train(self.training)
-        self._prompt_ids: list[list[int]] | None = None
+        self._prompt_ids: list[list[int]] | None = None  # what the copy reads, per target prompt
+        self._base_prompt_ids: list[list[int]] | None = None  # the target's own prompts (p0's side)
         self._state: LMState | None = None
         self._keys: list[tuple[int, tuple[int, ...]]] = []
         self.num_rebuilds = 0  # full re-encodings of the prompts (one per sampler run when all goes to plan)
@@ -98,9 +110,19 @@ class AdaptedCopyTwist(Twist):
     # -- incremental state (sampling) -------------------------------------------------------------------------------
 
     def start(self, target: Target | Sequence[Sequence[int]], num_particles: int | None = None) -> None:
-        """Sampler hook: a run is about to start on ``target``'s prompts (or these prompt ids); drops cached state."""
-        prompt_ids = getattr(target, "prompt_ids", target)
-        self._prompt_ids = [list(p) for p in prompt_ids]
+        """Sampler hook: a run is about to start on ``target``'s prompts (or, for a twist reading the prompt only,
+        these prompt ids); drops cached state."""
+        prompt_ids = getattr(target, "prompt_ids", None)
+        if prompt_ids is None:  # bare prompt ids
+            if self.condition != "prompt":
+                raise ConfigError(f"this {self.kind} twist reads the {self.condition!r} of each prompt: start it with "
+                                  "the target, not bare prompt ids")
+            prompt_ids = target
+            read = prompt_ids
+        else:
+            read = get_condition(self.condition)(target)
+        self._base_prompt_ids = [list(p) for p in prompt_ids]
+        self._prompt_ids = [list(p) for p in read]
         self._state, self._keys = None, []
 
     def bind_target(self, target: Target) -> AdaptedCopyTwist:
@@ -119,18 +141,32 @@ class AdaptedCopyTwist(Twist):
         return super().train(mode)
 
     def _rows(self, prompt_index: torch.Tensor) -> list[list[int]]:
-        """The prompt ids of each row (checked against the bound prompts)."""
-        if self._prompt_ids is None:
+        """What the copy reads before each row's tokens (checked against the bound prompts)."""
+        return self._lookup(self._prompt_ids, prompt_index)
+
+    def base_rows(self, prompt_index: torch.Tensor) -> list[list[int]]:
+        """The target's own prompt ids of each row (p0's context)."""
+        return self._lookup(self._base_prompt_ids, prompt_index)
+
+    def feature_rows(self, feats: PrefixFeatures) -> list[list[int]]:
+        """What the copy reads before each row of stored features: the features' own prompts when it reads the
+        prompt only (no binding needed), else the bound target's conditioned prompts."""
+        if self.condition == "prompt":
+            return [list(feats.prompt_ids[b]) for b in feats.prompt_index.tolist()]
+        return self._rows(feats.prompt_index)
+
+    def _lookup(self, table: list[list[int]] | None, prompt_index: torch.Tensor) -> list[list[int]]:
+        if table is None:
             raise TwistLMError(
                 f"the {self.kind} twist needs the prompts' token ids: call twist.bind_target(target) (or "
                 "twist.start(target)) before sampling"
             )
-        if max_index(prompt_index) >= len(self._prompt_ids):
+        if max_index(prompt_index) >= len(table):
             raise TwistLMError(
-                f"prompt index {int(prompt_index.max())} but the twist knows {len(self._prompt_ids)} "
+                f"prompt index {int(prompt_index.max())} but the twist knows {len(table)} "
                 "prompts (call twist.bind_target(target))"
             )
-        return [self._prompt_ids[b] for b in prompt_index.tolist()]
+        return [table[b] for b in prompt_index.tolist()]
 
     def _rebuild(self, prompt_index: torch.Tensor, tokens: torch.Tensor) -> LMState:
         self._rows(prompt_index)
@@ -188,6 +224,7 @@ class AdaptedCopyTwist(Twist):
             "dropout": self.dropout,
             "target_modules": self.target_modules,
             "base_model": self.base_model,
+            "condition": self.condition,
         }
 
     @classmethod
@@ -204,6 +241,6 @@ class AdaptedCopyTwist(Twist):
         check_compatible(cfg, lm, directory)
         twist = cls(lm.model, lm.eos_token_id, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
                     target_modules=cfg["target_modules"], base_model=cfg.get("base_model", ""),
-                    **cls.init_options(cfg))
+                    condition=cfg.get("condition", "prompt"), **cls.init_options(cfg))
         load_twist_state(twist, read_weights(directory))
         return twist

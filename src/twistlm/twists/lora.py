@@ -38,8 +38,9 @@ class LoRATwist(AdaptedCopyTwist):
         output: str = "log",
         base_model: str = "",
         level: bool = True,
+        condition: str = "prompt",
     ):
-        super().__init__(model, eos_token_id, r, alpha, dropout, target_modules, base_model)
+        super().__init__(model, eos_token_id, r, alpha, dropout, target_modules, base_model, condition)
         self.output = check_output(output)
         self.head = VocabHead(self.hidden_size, self.vocab_size, level=level).to(self.output_head.weight.device)
 
@@ -55,12 +56,15 @@ class LoRATwist(AdaptedCopyTwist):
         init_scale: float = 0.0,
         seed: int = 0,
         level: bool = True,
+        condition: str = "prompt",
     ) -> LoRATwist:
-        """A LoRA twist over ``lm`` (a Hugging Face model); head zero (ψ ≡ 1) or N(0, init_scale²)."""
+        """A LoRA twist over ``lm`` (a Hugging Face model); head zero (ψ ≡ 1) or N(0, init_scale²); ``condition``:
+        what the copy reads (:mod:`twistlm.conditioning`)."""
         if not isinstance(lm, HFLM):
             raise ConfigError("the LoRA twist needs a Hugging Face base model (it adapts a copy of it)")
         twist = seeded_init(
-            lambda: cls(lm.model, lm.eos_token_id, r, alpha, dropout, target_modules, output, lm.name, level), seed
+            lambda: cls(lm.model, lm.eos_token_id, r, alpha, dropout, target_modules, output, lm.name, level, condition),
+            seed,
         )
         twist.head.reset(init_scale, torch.Generator().manual_seed(seed + 1))
         return twist
@@ -75,8 +79,7 @@ class LoRATwist(AdaptedCopyTwist):
 
     def log_psi_prefixes(self, feats: PrefixFeatures) -> torch.Tensor:
         """(N, T, V) log ψ over all prefixes: one forward of the adapted copy over [prompt; s_1..s_T−1], with grad."""
-        rows = [feats.prompt_ids[b] for b in feats.prompt_index.tolist()]
-        return self._head(self.prefix_hidden(rows, feats.tokens))
+        return self._head(self.prefix_hidden(self.feature_rows(feats), feats.tokens))
 
     # -- persistence --------------------------------------------------------------------------------------------------
 

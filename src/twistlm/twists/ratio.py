@@ -22,7 +22,6 @@ is rebuilt it is recomputed from the prefix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,24 +44,29 @@ class RatioTwist(AdaptedCopyTwist):
     """Σ_v p0(v | s_<t) ψ_t(s_<t, v) = ψ_t−1(s_<t) for every prefix and every θ (so Z_t ≡ 1)."""
 
     def __init__(self, model: Any, eos_token_id: int, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 target_modules: str | list[str] = "all-linear", base_model: str = ""):
-        super().__init__(model, eos_token_id, r, alpha, dropout, target_modules, base_model)
+                 target_modules: str | list[str] = "all-linear", base_model: str = "", condition: str = "prompt"):
+        super().__init__(model, eos_token_id, r, alpha, dropout, target_modules, base_model, condition)
         self._offset: torch.Tensor | None = None  # (N,) c(s_<t) of the cached rows
         self._ratio: torch.Tensor | None = None  # (N, V) log q_θ − log p0 after the cached rows' prefixes
 
     @classmethod
     def for_lm(cls, lm: ParticleLM, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules: str | list[str] = "all-linear", seed: int = 0, output: str = "log") -> RatioTwist:
+               target_modules: str | list[str] = "all-linear", seed: int = 0, output: str = "log",
+               condition: str = "prompt") -> RatioTwist:
         """A ratio twist over ``lm`` (a Hugging Face model); ψ ≡ 1 at initialisation (LoRA's B = 0), the adapters'
         A matrices drawn from ``seed``. ``output``: only ``"log"`` — ψ is a density ratio, unbounded above, so it
-        cannot be FUDGE's probability (``"sigmoid"``)."""
+        cannot be FUDGE's probability (``"sigmoid"``). ``condition``: what q_θ reads (:mod:`twistlm.conditioning`);
+        with ``"observation"`` the twist is log q_θ(s_1:t | o, x) − log p0(s_1:t | x), still normalised, but no
+        longer 0 at initialisation (q_θ then is p0 reading o, a head start for infilling)."""
         if output != "log":
             raise ConfigError(f"the ratio twist's ψ is a density ratio (output 'log'), not {output!r}; FUDGE needs a "
                               "bounded head such as --twist-kind mlp")
         if not isinstance(lm, HFLM):
             raise ConfigError("the ratio twist needs a Hugging Face base model (it adapts a copy of it); for another "
                               "model choose a head, e.g. --twist-kind embedding")
-        return seeded_init(lambda: cls(lm.model, lm.eos_token_id, r, alpha, dropout, target_modules, lm.name), seed)
+        return seeded_init(
+            lambda: cls(lm.model, lm.eos_token_id, r, alpha, dropout, target_modules, lm.name, condition), seed
+        )
 
     # -- log-probabilities ---------------------------------------------------------------------------------------------
 
@@ -102,15 +106,16 @@ class RatioTwist(AdaptedCopyTwist):
 
     @torch.no_grad()
     def _prefix_offset(self, prompt_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(N,) log q_θ(s_<t) − log p0(s_<t), from a forward of the copy with and without its adapters."""
+        """(N,) log q_θ(s_<t) − log p0(s_<t), from forwards of the copy with its adapters (after what it reads) and
+        without them (after the target's prompts: p0)."""
         device = self.output_head.weight.device
         if tokens.shape[1] == 0:
             return torch.zeros(tokens.shape[0], device=device)
-        rows = self._rows(prompt_index.cpu().long())
+        prompt_index = prompt_index.cpu().long()
         tokens = tokens.cpu()
-        logq = self._logp(self.prefix_hidden(rows, tokens))
+        logq = self._logp(self.prefix_hidden(self._rows(prompt_index), tokens))
         with self.peft.disable_adapter():
-            logp0 = self._logp(self.prefix_hidden(rows, tokens))
+            logp0 = self._logp(self.prefix_hidden(self.base_rows(prompt_index), tokens))
         at = tokens.to(device).unsqueeze(-1)
         return (logq.gather(-1, at) - logp0.gather(-1, at)).squeeze(-1).sum(dim=1)
 
@@ -133,8 +138,7 @@ class RatioTwist(AdaptedCopyTwist):
 
     def log_psi_prefixes(self, feats: PrefixFeatures) -> torch.Tensor:
         """(N, T, V) log ψ_t(s_<t, v) over all prefixes and tokens, with grad (the on-policy trainers' input)."""
-        rows: Sequence = [feats.prompt_ids[b] for b in feats.prompt_index.tolist()]
-        ratio = self._step_ratio(self.prefix_hidden(rows, feats.tokens), feats.hidden, feats.logp0)
+        ratio = self._step_ratio(self.prefix_hidden(self.feature_rows(feats), feats.tokens), feats.hidden, feats.logp0)
         at = feats.tokens.to(ratio.device).unsqueeze(-1)
         taken = ratio.gather(-1, at).squeeze(-1)
         offset = torch.cumsum(taken, dim=1) - taken  # c(s_<t): the ratios of s_1 … s_t−1

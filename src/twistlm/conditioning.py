@@ -1,4 +1,8 @@
-"""What the policy reads: its prompt for each of the target's prompts (registry ``CONDITIONS``).
+"""What an amortized sampler reads: its prompt for each of the target's prompts (registry ``CONDITIONS``).
+
+Used by GFlowNet policies (:mod:`twistlm.gfn`) and by the twists that run their own adapted copy of the base model
+(:mod:`twistlm.twists.adapted`: a ratio twist reading o is q_θ(z | x, o), the observation-conditioned twist of
+infilling). Below, "the policy" is either.
 
 The target σ(z | x, o) ∝ p0(z | x) φ(z) of a latent-variable task depends on an observation o as well as the prompt
 x (the ending of an infilling problem, the label after a rationale): o lives in ``target.extras["observation"]``,
