@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from test_ratio_twist import Recording
 from test_training import exact_kl, run_app, toy_task  # noqa: F401 (toy_task: a fixture)
 
 import twistlm
@@ -60,7 +61,7 @@ def _definition(lm, twist, target, tokens, prompt_index):
     rows_q = [read[b] for b in prompt_index.tolist()]
     rows_p = [target.prompt_ids[b] for b in prompt_index.tolist()]
 
-    def logp(rows, adapted):
+    def logp(rows):
         from twistlm.twists.features import hf_prefix_hidden
 
         inner = twist.peft.get_base_model()
@@ -69,9 +70,9 @@ def _definition(lm, twist, target, tokens, prompt_index):
         return torch.log_softmax(twist.output_head(hidden).float(), dim=-1)
 
     with torch.no_grad():
-        lq = logp(rows_q, True)
+        lq = logp(rows_q)
         with twist.peft.disable_adapter():
-            lp = logp(rows_p, False)
+            lp = logp(rows_p)
     t = tokens.shape[1]
     taken = (lq[:, :t] - lp[:, :t]).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(dim=1) if t else 0.0
     return (lq[:, t] - lp[:, t]) + (taken.unsqueeze(1) if t else 0.0)
@@ -84,22 +85,9 @@ def test_observation_reading_ratio_twist_is_its_definition_and_normalised_agains
     target = _problems(tiny_hf, 3, seed=5, T=3)
     twist = _adapted(tiny_hf)
     calls = []
-
-    class Recorder(twistlm.Twist):
-        def start(self, target, k):
-            twist.start(target, k)
-
-        def reorder(self, index):
-            twist.reorder(index)
-
-        def log_psi(self, ctx):
-            out = twist.log_psi(ctx)
-            calls.append((ctx.tokens.clone(), ctx.prompt_index.clone(), out.clone(), ctx.hidden.clone()))
-            return out
-
-    run_smc(target, 5, proposal="twisted", twist=Recorder(), ess_threshold=1.0, seed=2)
+    run_smc(target, 5, proposal="twisted", twist=Recording(twist, calls), ess_threshold=1.0, seed=2)
     assert twist.num_rebuilds == 1
-    for tokens, prompt_index, values, hidden in calls:
+    for _, tokens, prompt_index, values, hidden in calls:
         torch.testing.assert_close(values, _definition(tiny_hf, twist, target, tokens, prompt_index), atol=1e-4,
                                    rtol=1e-4)
         with torch.inference_mode():
@@ -111,7 +99,7 @@ def test_observation_reading_ratio_twist_is_its_definition_and_normalised_agains
             offset = before.gather(1, tokens[:, -1:]).squeeze(1)
         torch.testing.assert_close(torch.logsumexp(logp0 + values, dim=-1), offset, atol=1e-4, rtol=1e-4)
     # Out of sequence: a fresh start recomputes the carried offset from the prefix (p0 over x, q_θ over o + x).
-    tokens, prompt_index, values, hidden = calls[-1]
+    _, tokens, prompt_index, values, hidden = calls[-1]
     twist.start(target, 5)
     ctx = twistlm.TwistContext(hidden, tokens, tokens.shape[1] + 1, 3, prompt_index)
     with torch.inference_mode():

@@ -57,6 +57,26 @@ def _adapted(tiny_hf, scale=0.3):
     return twist
 
 
+class Recording(twistlm.Twist):
+    """Passes the sampler's hooks and calls to ``twist`` and appends (step, tokens, prompt_index, values, hidden) of
+    every ``log_psi`` call to ``calls``."""
+
+    def __init__(self, twist, calls):
+        super().__init__()
+        self.twist, self.calls = twist, calls
+
+    def start(self, target, k):
+        self.twist.start(target, k)
+
+    def reorder(self, index):
+        self.twist.reorder(index)
+
+    def log_psi(self, ctx):
+        out = self.twist.log_psi(ctx)
+        self.calls.append((ctx.step, ctx.tokens.clone(), ctx.prompt_index.clone(), out.clone(), ctx.hidden.clone()))
+        return out
+
+
 def test_ratio_twist_is_zero_until_trained(tiny_hf):
     target = Target(tiny_hf, prompts=["ab", "hello"], max_new_tokens=3)
     twist = RatioTwist.for_lm(tiny_hf, r=4, seed=0).bind_target(target)
@@ -72,20 +92,7 @@ def test_incremental_values_are_the_cumulative_ratio_and_normalised(tiny_hf):
     twist = _adapted(tiny_hf)
     target = Target(tiny_hf, prompts=["ab", "hello"], max_new_tokens=4)
     calls = []
-
-    class Recorder(twistlm.Twist):
-        def start(self, target, k):
-            twist.start(target, k)
-
-        def reorder(self, index):
-            twist.reorder(index)
-
-        def log_psi(self, ctx):
-            out = twist.log_psi(ctx)
-            calls.append((ctx.step, ctx.tokens.clone(), ctx.prompt_index.clone(), out.clone(), ctx.hidden.clone()))
-            return out
-
-    run_smc(target, 6, proposal="twisted", twist=Recorder(), seed=3)
+    run_smc(target, 6, proposal="twisted", twist=Recording(twist, calls), seed=3)
     assert twist.num_rebuilds == 1  # the prompts were encoded once
     for step, tokens, prompt_index, values, hidden in calls:
         seqs = [row + [5] for row in tokens.tolist()]
