@@ -43,10 +43,11 @@ def test_bleu_is_sacrebleus_corpus_bleu_and_intervals_cover_the_value():
 
 @pytest.mark.model
 def test_the_story_problem_reads_the_ending_and_labels_true_sentences(smol, shared_data):
-    from twistlm.gfn.problems import build_problem, period_token
+    from twistlm.gfn.problems import STORY_RECIPE, build_problem, period_token
 
     problem = build_problem("infilling", smol, data=str(shared_data / STORIES), prompts=20)
     assert problem.condition == "observation" and problem.space.stop_ids == (period_token(smol),)
+    assert problem.config == STORY_RECIPE
     assert 15 <= len(problem.given) <= 20
     for i, g in problem.given.items():
         text = smol.decode(g.tokens + [g.stop_token]).strip()

@@ -30,7 +30,7 @@ from twistlm.errors import ConfigError
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.json"
 EXTRA_NAME = "extra_state.pt"
-RUN_INFO_KEYS = ("task", "task_options", "model_name", "max_new_tokens")
+RUN_INFO_KEYS = ("task", "task_options", "training_task_options", "model_name", "max_new_tokens")
 """Run facts a resumed run must share with its checkpoint, besides the config's own ``resume_keys``."""
 
 

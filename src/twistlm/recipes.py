@@ -13,7 +13,7 @@ sampling with p0 negatives (the round-2 calibration: twisted negatives collapsed
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -27,7 +27,13 @@ questions per update, which a corpus of fixed prompts cannot serve)."""
 
 @dataclass(frozen=True)
 class TwistRecipe:
-    """The default settings of one loss: ``twist_kind`` + ``twist_options`` and ``config`` field values."""
+    """The default settings of one loss: ``twist_kind`` + ``twist_options`` and ``config`` field values.
+
+    A task's own recipe may also carry ``task_options`` (the training data it is built from, e.g. how many problems),
+    ``training_options`` (task options of the *training* target only: a relaxation of the user's potential that
+    gives the twist more to learn from, the twist still being for the user's target — SMC with any twist is exact)
+    and ``applies`` (a predicate on the user's task options: which forms of the task the recipe was tuned for; for
+    the others the loss's recipe is used)."""
 
     loss: str
     twist_kind: str
@@ -35,6 +41,8 @@ class TwistRecipe:
     config: Mapping = field(default_factory=dict)
     note: str = ""
     task_options: Mapping = field(default_factory=dict)
+    training_options: Mapping = field(default_factory=dict)
+    applies: Callable[[Mapping], bool] = lambda options: True
 
     def settings(self, given: Mapping) -> dict:
         """Config values: the recipe's, overridden by ``given`` (the user's). A corpus recipe's values were tuned for
@@ -147,7 +155,20 @@ q_θ(s | o, x) on joint p0 draws, amortized over o. 250 updates × 16 = 4,000 dr
 one core here: ≈ 0.13 s per BDMC problem drawn, ≈ 0.4 s per trained positive (a forward and backward of the copy
 over ≈ 45 tokens)."""
 
+TOXICITY_RELAXATION = _frozen({"form": "tempered", "beta": 2.0})
+"""Red-teaming (the threshold form, φ = 1[p(toxic | s) > η]) trains on its tempered relaxation p0 · p(toxic | s)²: on
+the 12,288-sample corpus the event has ≈ 50 exact positives, which the ratio twist memorises within 50 updates
+(held-out KL(σ‖q) 38.6 nats after the CTL recipe's 150, p0's 5.75), while the relaxation's weights spread over ≈ 340
+effective rows, a third of their mass on flagged ones (EXPERIMENTS.md, "Learned twists", rounds 7 and 9)."""
+TOXICITY_CONFIG = _frozen({**RATIO_CONFIG, "max_steps": 40})
+"""CTL recipe of the ratio twist on the relaxation, stopped at the update selected on held-out exact samples of the
+threshold target (development corpus, seed 1)."""
+
 TASK_RECIPES: dict[tuple[str, str], TwistRecipe] = {
+    ("toxicity", "ctl"): TwistRecipe(
+        "ctl", "ratio", RATIO_TWIST, TOXICITY_CONFIG, "ratio twist, CTL on the tempered relaxation of the threshold",
+        training_options=TOXICITY_RELAXATION, applies=lambda options: options.get("form", "threshold") == "threshold",
+    ),
     ("infilling", "ctl"): TwistRecipe(
         "ctl", "ratio", INFILLING_TWIST, INFILLING_CONFIG,
         "observation-reading ratio twist, maximum likelihood on BDMC pairs", INFILLING_DATA,
@@ -156,13 +177,15 @@ TASK_RECIPES: dict[tuple[str, str], TwistRecipe] = {
 """Registry: (task, loss) → that task's own recipe (used with the recipe's twist kind or no kind given)."""
 
 
-def twist_recipe(loss: str, twist_kind: str | None = None, task: str | None = None) -> TwistRecipe:
-    """The recipe of ``loss`` with ``twist_kind`` (None: the loss's default kind) for ``task``: the task's own when it
-    has one for the loss (and the kind is its kind or unset), else the kind's, else the loss's. A kind with no recipe of
-    its own gets the default recipe's training settings (its twist options apply to the default kind only)."""
+def twist_recipe(loss: str, twist_kind: str | None = None, task: str | None = None,
+                 task_options: Mapping | None = None) -> TwistRecipe:
+    """The recipe of ``loss`` with ``twist_kind`` (None: the loss's default kind) for ``task`` with the user's
+    ``task_options``: the task's own when it has one for the loss, the kind is its kind or unset and it applies to
+    those options, else the kind's, else the loss's. A kind with no recipe of its own gets the default recipe's
+    training settings (its twist options apply to the default kind only)."""
     if loss not in RECIPES:
         raise ConfigError(f"no training recipe for loss {loss!r}; choose from: {', '.join(sorted(RECIPES))}")
     own = TASK_RECIPES.get((task, loss))
-    if own is not None and twist_kind in (None, own.twist_kind):
+    if own is not None and twist_kind in (None, own.twist_kind) and own.applies(task_options or {}):
         return own
     return KIND_RECIPES.get((loss, twist_kind), RECIPES[loss])

@@ -23,25 +23,15 @@ import torch
 from twistlm.bounds import select_prompts
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.smc import run_smc
+from twistlm.solve import wilson_interval as proportion_interval
 from twistlm.target import Target
 
 if TYPE_CHECKING:
     from twistlm.corpus import SampleCorpus
 
-Z975 = 1.959963984540054
-
-
-def wilson_interval(successes: int, trials: int, z: float = Z975) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (defined for 0 or all successes too)."""
-    if trials <= 0:
-        return 0.0, 1.0
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)
-    hi = 1.0 if successes == trials else min(1.0, centre + half)
-    return lo, hi
+def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
+    """95% Wilson score interval of ``successes`` out of ``trials`` (defined for 0 or all successes too)."""
+    return proportion_interval(successes / trials, trials) if trials > 0 else (0.0, 1.0)
 
 
 @dataclass

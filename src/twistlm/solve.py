@@ -74,13 +74,16 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
 
 
 def wilson_interval(p_hat: float, n: float, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a proportion p̂ observed on n trials (n may be an effective, fractional size)."""
+    """Wilson score interval for a proportion p̂ observed on n trials (n may be an effective, fractional size); its
+    ends are exactly 0 at p̂ = 0 and 1 at p̂ = 1 (where rounding would leave them a hair inside)."""
     if n <= 0:
         return 0.0, 1.0
     z2 = z * z
     centre = (p_hat + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(max(p_hat * (1 - p_hat) / n + z2 / (4 * n * n), 0.0))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if p_hat <= 0 else max(0.0, centre - half)
+    high = 1.0 if p_hat >= 1 else min(1.0, centre + half)
+    return low, high
 
 
 def clustered_size(rates: Sequence[float], per_problem: int) -> float:

@@ -132,11 +132,12 @@ def train_twist(
     """Train a twist ψ for a task (CTL, RL, SIXO or FUDGE) and save it with its config and training curves."""
     # Cheap checks first: nothing here loads a model.
     loss_spec = get_loss(loss)
-    recipe = twist_recipe(loss, twist_kind, task)
+    user_options = parse_options(task_option)
+    recipe = twist_recipe(loss, twist_kind, task, user_options)
     twist_kind = twist_kind or recipe.twist_kind
     twist_io.get_twist_kind(twist_kind)
     task_obj = get_task(task)
-    options = {**recipe.task_options, **parse_options(task_option)}
+    options = {**recipe.task_options, **user_options}
     check_task_options(task_obj, options)
     twist_options = parse_options(twist_option)
     if twist_kind == recipe.twist_kind:
@@ -163,16 +164,21 @@ def train_twist(
 
     with loading_status(model or EMBEDDED_LABEL, quiet):
         lm = load_model(model)
-    target, dataset_note = prompt_batches.training_target(task_obj, lm, max_new_tokens, options,
+    trained_on = {**options, **recipe.training_options}  # a relaxation of the user's potential, when the recipe has one
+    target, dataset_note = prompt_batches.training_target(task_obj, lm, max_new_tokens, trained_on,
                                                           config.prompts_per_step)
     if dataset_note and not quiet:
         console.print(dataset_note, style="dim", highlight=False)
+    if recipe.training_options and not quiet:
+        relaxed = ", ".join(f"{k}={v}" for k, v in recipe.training_options.items())
+        console.print(f"the recipe trains on a relaxation of the target ({relaxed})", style="dim", highlight=False)
     twist_options.setdefault("output", loss_spec.twist_output)
     twist_options.setdefault("seed", seed)
     twist = twist_io.build_twist(twist_kind, lm, target, **twist_options)
     run_info = {
         "task": task,
         "task_options": options,
+        "training_task_options": trained_on,
         "model": model or EMBEDDED_LABEL,
         "model_name": lm.name,
         "twist_kind": twist_kind,

@@ -62,6 +62,13 @@ EXACT_SPAN_RECIPE = {"objective": "vargrad", "max_steps": 300, "tempered_prob": 
 """GFNConfig values for BDMC infilling: the reward exists only at the final state, and with 256 observations seen a
 few times each TB's per-prompt log Z table would lag behind, so log-variance (``vargrad``, log Z estimated per batch);
 on-policy only (a prompt's replay buffer holds a handful of trajectories, often all alike: zero variance)."""
+STORY_RECIPE = {"objective": "subtb", "learning_rate": 1e-4}
+"""GFNConfig values for Story Cloze infilling: SubTB (the likelihood reward p0(z "." y | x) exists at every prefix)
+at the reference's infilling learning rate 1e-4 (REFERENCES (B)); the other settings are the defaults, which are the
+reference's exploration (¼ on-policy, ¼ replay seeded with the true sentences, ½ tempered). With the arithmetic
+default 3e-4 the seventh session's run had a SubTB loss of 8,365 at update 11 (EXPERIMENTS.md, seventh session).
+80 updates × 16 trajectories (the default): 31 min on one core here beside another run, seeding the buffer
+included (one reward pass per generated token, up to 24)."""
 
 ProblemBuilder = Callable[..., GFNProblem]
 PROBLEMS: dict[str, ProblemBuilder] = {}
@@ -167,7 +174,8 @@ def infilling_problem(lm: ParticleLM, *, prompts: int | None = None, **options: 
     if isinstance(target.potential, ExactSpanPotential):
         space = ActionSpace(allowed, tuple(target.stop_ids), T, T)
         return GFNProblem(target, space, {}, (1.0, 1.0, 1), info, dict(EXACT_SPAN_RECIPE), condition="observation")
-    problem = GFNProblem(target, sentence_space(target), {}, (1.0, 1.0, 1), info, condition="observation")
+    problem = GFNProblem(target, sentence_space(target), {}, (1.0, 1.0, 1), info, dict(STORY_RECIPE),
+                         condition="observation")
     problem.given = true_middles(problem)
     info["labelled"] = len(problem.given)
     return problem
