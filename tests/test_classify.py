@@ -81,6 +81,29 @@ def test_lora_sft_fits_the_labelled_examples(tiny_hf):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_the_adapter_initialisation_follows_the_seed_not_the_global_rng(tiny_hf):
+    """peft draws LoRA's A from the global torch RNG: the classifier's adapter must come from the run's generator
+    (same seed, whatever was drawn before, gives the same adapter; another seed another), and leave the global RNG as
+    it was."""
+    import copy
+
+    def adapter(seed: int, global_seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        torch.manual_seed(global_seed)
+        lm = twistlm.HFLM(copy.deepcopy(tiny_hf.model), CharTokenizer(), name="tiny-copy")
+        lm = SFTSettings(r=4).attach(lm, torch.Generator().manual_seed(seed))
+        weights = [p.detach().clone() for n, p in lm.peft_model.named_parameters() if "lora_A" in n]
+        return weights, torch.rand(1)
+
+    first, after_first = adapter(seed=0, global_seed=1)
+    again, after_again = adapter(seed=0, global_seed=2)
+    other, _ = adapter(seed=1, global_seed=1)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    torch.manual_seed(1)
+    assert torch.equal(after_first, torch.rand(1))  # the global stream is untouched by the seeded draw
+    assert not torch.equal(after_first, after_again)
+
+
 def test_few_shot_writes_each_demonstration_once_in_a_seeded_order():
     lm, fmt = twistlm.ToyLM(vocab_size=5, seed=1), Letters()
     data = [Labelled(t, k % 2) for k, t in enumerate(("a", "b", "aa", "bb", "ab"))]

@@ -125,11 +125,13 @@ class SFTSettings:
     epochs: int = 10
     batch_size: int = 8
 
-    def attach(self, lm: ParticleLM) -> ParticleLM:
-        """``lm`` with a fresh LoRA adapter of this rank injected (in place; a Hugging Face model only)."""
+    def attach(self, lm: ParticleLM, generator: torch.Generator) -> ParticleLM:
+        """``lm`` with a fresh LoRA adapter of this rank injected (in place; a Hugging Face model only), its
+        initialisation drawn from ``generator`` (so a run's ``--seed`` fixes the fitted classifier)."""
         from twistlm.gfn.policy import LoraSettings, attach_lora
 
-        return attach_lora(lm, LoraSettings(r=self.r, alpha=self.alpha).peft_config())
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return attach_lora(lm, LoraSettings(r=self.r, alpha=self.alpha).peft_config(), seed=seed)
 
 
 def _zero_shot(lm, fmt, labelled, generator, settings, sampler=None) -> Classifier:
@@ -148,7 +150,7 @@ def fit_lora_classifier(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Lab
     s = settings or SFTSettings()
     if not labelled:
         raise ConfigError("lora-sft needs at least one labelled example")
-    lm = s.attach(lm)
+    lm = s.attach(lm, generator)
     train_classifier(lm, fmt, labelled, generator, s, on_epoch)
     return Classifier(lm, fmt)
 

@@ -171,7 +171,7 @@ def fit_latent_em(lm: ParticleLM, fmt: LabelFormat, labelled: Sequence[Labelled]
     for name in ("rounds", "rationales", "kept", "predict_rationales"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(s, name)}")
-    lm = s.sft.attach(lm)
+    lm = s.sft.attach(lm, generator)
     clf = RationaleClassifier(lm, fmt, s.predict_rationales, generator, sampler)
     losses: list[float] = []
     for r in range(s.rounds):

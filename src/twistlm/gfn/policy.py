@@ -69,18 +69,24 @@ def _require_hf(lm: Any) -> HFLM:
     return lm
 
 
-def attach_lora(lm: HFLM, peft_config: Any) -> HFLM:
+def attach_lora(lm: HFLM, peft_config: Any, seed: int | None = None) -> HFLM:
     """A policy LM: ``lm``'s model with a fresh LoRA adapter (LoRA's B = 0, so q_θ = p0 at the start).
 
     ``peft_config``: a peft ``LoraConfig`` (or :class:`LoraSettings`). The returned HFLM shares ``lm``'s weights;
-    ``lm`` itself now computes the policy too, except inside :func:`base_model_of`.
+    ``lm`` itself now computes the policy too, except inside :func:`base_model_of`. ``seed``: peft draws LoRA's A
+    from the global torch RNG, so without a seed the adapter depends on whatever the process drew before; with one
+    it is drawn from ``torch.manual_seed(seed)`` and the global RNG is left as it was.
     """
     from peft import get_peft_model
 
     lm = _require_hf(lm)
     if isinstance(peft_config, LoraSettings):
         peft_config = peft_config.peft_config()
-    peft_model = get_peft_model(lm.model, peft_config)
+    if seed is None:
+        return _policy_lm(get_peft_model(lm.model, peft_config), lm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(lm.model, peft_config)
     return _policy_lm(peft_model, lm)
 
 
