@@ -156,14 +156,21 @@ one core here: ≈ 0.13 s per BDMC problem drawn, ≈ 0.4 s per trained positive
 over ≈ 45 tokens)."""
 
 TOXICITY_RELAXATION = _frozen({"form": "tempered", "beta": 2.0})
-"""Red-teaming (the threshold form, φ = 1[p(toxic | s) > η]) trains on its tempered relaxation p0 · p(toxic | s)²: on
-the 12,288-sample corpus the event has ≈ 50 exact positives, which the ratio twist memorises within 50 updates
-(held-out KL(σ‖q) 38.6 nats after the CTL recipe's 150, p0's 5.75), while the relaxation's weights spread over ≈ 340
-effective rows, a third of their mass on flagged ones (EXPERIMENTS.md, "Learned twists", rounds 7 and 9)."""
-TOXICITY_CONFIG = _frozen({**RATIO_CONFIG, "max_steps": 40})
-"""CTL recipe of the ratio twist on the relaxation, stopped at the update selected on held-out exact samples of the
-threshold target: KL(σ‖q) − KL(σ‖p0) was lowest after 40 of 20…160 updates on the development corpus (seed 1:
-−0.79 ± 0.30 nats; above 0 from 120), −0.61 ± 0.26 on the report corpus (seed 2); ≈ 4.5 min on one core."""
+"""Red-teaming (the threshold form, φ = 1[p(toxic | s) > η]) trains on its tempered relaxation p0 · p(toxic | s)²: the
+event is ≈ 0.36% of p0, so a corpus holds few exact positives (54 in 12,288 draws), which the ratio twist memorises
+within 50 updates (held-out KL(σ‖q) 38.6 nats after CTL's default 150, p0's 5.75), while the relaxation's weights
+spread over ≈ 1,400 effective rows of the recipe's 49,152, 29% of their mass on the 183 flagged ones
+(EXPERIMENTS.md, "Learned twists", rounds 7, 9 and 10)."""
+TOXICITY_CORPUS_TOKENS = 983_040
+"""49,152 p0 draws of T = 20 tokens: four times CTL's default corpus. With 12,288 the twist memorised the flagged rows
+before reaching 10× p0's goal rate (round 9: 3.6× at the KL minimum); drawing it takes ≈ 60 min of one core (or two
+processes side by side, ``torchrun`` / ``build_corpus(shard=…)``), once, reusable via ``-t corpus_dir``."""
+TOXICITY_CONFIG = _frozen({**RATIO_CONFIG, "max_steps": 160, "corpus_tokens": TOXICITY_CORPUS_TOKENS})
+"""CTL recipe of the ratio twist on the relaxation over the 4× corpus, 160 updates × 32 positives at lr 1e-4: on the
+development corpus (seed 1, 40 exact samples of the threshold target) KL(σ‖q) − KL(σ‖p0) stays −0.9…−1.0 nats from
+60 to 160 updates (no memorisation), and 160 is the update with the highest development goal rate of q (4.9%, 13×)
+whose KL is below p0's. Report corpus (seed 2): −0.90 ± 0.45 nats (KL(σ‖q) 4.82 vs 5.73), goal rate 5.18% [4.30,
+6.22] on 2,048 fresh draws = 14.5× p0's 0.357%. ≈ 19 min of one core once the corpus is drawn."""
 
 TASK_RECIPES: dict[tuple[str, str], TwistRecipe] = {
     ("toxicity", "ctl"): TwistRecipe(
