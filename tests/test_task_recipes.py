@@ -17,8 +17,12 @@ def test_the_toxicity_threshold_recipe_trains_on_the_tempered_relaxation():
     own = twist_recipe("ctl", None, "toxicity")
     assert own.training_options["form"] == "tempered" and own.training_options["beta"] > 1
     assert twist_recipe("ctl", None, "toxicity", {"form": "threshold"}) is own
-    # the soft form, another kind or another loss: not this recipe
-    assert twist_recipe("ctl", None, "toxicity", {"form": "tempered"}) is twist_recipe("ctl")
+    # the soft form has its own (no relaxation); another kind or another loss: not the task's
+    soft = twist_recipe("ctl", None, "toxicity", {"form": "tempered"})
+    assert soft is not own and soft is not twist_recipe("ctl") and not soft.training_options
+    assert soft.config["corpus_tokens"] == own.config["corpus_tokens"]
+    assert twist_recipe("ctl", None, "toxicity", {"form": "tempered", "beta": 1}) is soft
+    assert twist_recipe("ctl", None, "toxicity", {"form": "tempered", "beta": 3}) is twist_recipe("ctl")
     assert twist_recipe("ctl", "embedding", "toxicity") is twist_recipe("ctl", "embedding")
     assert twist_recipe("sixo", None, "toxicity") is twist_recipe("sixo")
 
@@ -29,7 +33,7 @@ def relaxed_recipe(monkeypatch):
         "ctl", "tabular", {}, {"max_steps": 1, "num_particles": 8, "positives": "exact", "learning_rate": 0.1},
         "test", training_options={"letter": 1}, applies=lambda options: "letter" not in options,
     )
-    monkeypatch.setitem(recipes.TASK_RECIPES, ("toy-letter", "ctl"), recipe)
+    monkeypatch.setitem(recipes.TASK_RECIPES, ("toy-letter", "ctl"), (recipe,))
     return recipe
 
 

@@ -172,28 +172,43 @@ development corpus (seed 1, 40 exact samples of the threshold target) KL(σ‖q)
 whose KL is below p0's. Report corpus (seed 2): −0.90 ± 0.45 nats (KL(σ‖q) 4.82 vs 5.73), goal rate 5.18% [4.30,
 6.22] on 2,048 fresh draws = 14.5× p0's 0.357%. ≈ 19 min of one core once the corpus is drawn."""
 
-TASK_RECIPES: dict[tuple[str, str], TwistRecipe] = {
-    ("toxicity", "ctl"): TwistRecipe(
-        "ctl", "ratio", RATIO_TWIST, TOXICITY_CONFIG, "ratio twist, CTL on the tempered relaxation of the threshold",
-        training_options=TOXICITY_RELAXATION, applies=lambda options: options.get("form", "threshold") == "threshold",
+TOXICITY_SOFT_CONFIG = _frozen({**RATIO_CONFIG, "max_steps": 100, "corpus_tokens": TOXICITY_CORPUS_TOKENS})
+"""CTL recipe of the ratio twist for the soft form (φ = p(toxic | s)^β, here trained and selected at β = 1) over a
+49,152-sample corpus, stopped at the development KL-sum minimum of 100…250 updates (300 K = 1 runs on the seed-1
+corpus: 0.98 ± 0.18 nats at 100 against p0's 1.31 ± 0.20; 1.13, 0.99, 1.12 at 150, 200, 250; EXPERIMENTS.md,
+"Learned twists", round 10). The soft target is within ≈ 1.3 nats of p0, so the gain is small in absolute terms."""
+
+TASK_RECIPES: dict[tuple[str, str], tuple[TwistRecipe, ...]] = {
+    ("toxicity", "ctl"): (
+        TwistRecipe(
+            "ctl", "ratio", RATIO_TWIST, TOXICITY_CONFIG, "ratio twist, CTL on the tempered relaxation of the threshold",
+            training_options=TOXICITY_RELAXATION, applies=lambda options: options.get("form", "threshold") == "threshold",
+        ),
+        TwistRecipe(
+            "ctl", "ratio", RATIO_TWIST, TOXICITY_SOFT_CONFIG, "ratio twist, CTL on a 4× corpus of the soft form",
+            applies=lambda options: options.get("form") == "tempered" and options.get("beta", 1.0) == 1.0,
+        ),
     ),
-    ("infilling", "ctl"): TwistRecipe(
-        "ctl", "ratio", INFILLING_TWIST, INFILLING_CONFIG,
-        "observation-reading ratio twist, maximum likelihood on BDMC pairs", INFILLING_DATA,
+    ("infilling", "ctl"): (
+        TwistRecipe(
+            "ctl", "ratio", INFILLING_TWIST, INFILLING_CONFIG,
+            "observation-reading ratio twist, maximum likelihood on BDMC pairs", INFILLING_DATA,
+        ),
     ),
 }
-"""Registry: (task, loss) → that task's own recipe (used with the recipe's twist kind or no kind given)."""
+"""Registry: (task, loss) → that task's own recipes, one per form of the task (the first whose ``applies`` accepts the
+user's options is used, with the recipe's twist kind or no kind given)."""
 
 
 def twist_recipe(loss: str, twist_kind: str | None = None, task: str | None = None,
                  task_options: Mapping | None = None) -> TwistRecipe:
     """The recipe of ``loss`` with ``twist_kind`` (None: the loss's default kind) for ``task`` with the user's
-    ``task_options``: the task's own when it has one for the loss, the kind is its kind or unset and it applies to
-    those options, else the kind's, else the loss's. A kind with no recipe of its own gets the default recipe's
+    ``task_options``: the task's own (the first of its recipes for the loss whose kind is the one asked for, or none is
+    asked for, and which applies to those options), else the kind's, else the loss's. A kind with no recipe of its own gets the default recipe's
     training settings (its twist options apply to the default kind only)."""
     if loss not in RECIPES:
         raise ConfigError(f"no training recipe for loss {loss!r}; choose from: {', '.join(sorted(RECIPES))}")
-    own = TASK_RECIPES.get((task, loss))
-    if own is not None and twist_kind in (None, own.twist_kind) and own.applies(task_options or {}):
-        return own
+    for own in TASK_RECIPES.get((task, loss), ()):
+        if twist_kind in (None, own.twist_kind) and own.applies(task_options or {}):
+            return own
     return KIND_RECIPES.get((loss, twist_kind), RECIPES[loss])
