@@ -204,8 +204,8 @@ def twist_recipe(loss: str, twist_kind: str | None = None, task: str | None = No
                  task_options: Mapping | None = None) -> TwistRecipe:
     """The recipe of ``loss`` with ``twist_kind`` (None: the loss's default kind) for ``task`` with the user's
     ``task_options``: the task's own (the first of its recipes for the loss whose kind is the one asked for, or none is
-    asked for, and which applies to those options), else the kind's, else the loss's. A kind with no recipe of its own gets the default recipe's
-    training settings (its twist options apply to the default kind only)."""
+    asked for, and which applies to those options), else the kind's, else the loss's. A kind with no recipe of its
+    own gets the default recipe's training settings (its twist options apply to the default kind only)."""
     if loss not in RECIPES:
         raise ConfigError(f"no training recipe for loss {loss!r}; choose from: {', '.join(sorted(RECIPES))}")
     for own in TASK_RECIPES.get((task, loss), ()):
