@@ -168,7 +168,7 @@ processes side by side, ``torchrun`` / ``build_corpus(shard=…)``), once, reusa
 TOXICITY_CONFIG = _frozen({**RATIO_CONFIG, "max_steps": 160, "corpus_tokens": TOXICITY_CORPUS_TOKENS})
 """CTL recipe of the ratio twist on the relaxation over the 4× corpus, 160 updates × 32 positives at lr 1e-4: on the
 development corpus (seed 1, 40 exact samples of the threshold target) KL(σ‖q) − KL(σ‖p0) stays −0.9…−1.0 nats from
-60 to 160 updates (no memorisation), and 160 is the update with the highest development goal rate of q (4.9%, 13×)
+60 to 160 updates (no memorisation), and 160 is the update with the highest development goal rate of q (4.9%, 14× p0's 0.357%)
 whose KL is below p0's. Report corpus (seed 2): −0.90 ± 0.45 nats (KL(σ‖q) 4.82 vs 5.73), goal rate 5.18% [4.30,
 6.22] on 2,048 fresh draws = 14.5× p0's 0.357%. ≈ 19 min of one core once the corpus is drawn."""
 
