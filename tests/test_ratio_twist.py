@@ -210,3 +210,33 @@ def test_buffer_positives_still_get_their_negatives_with_a_normalised_twist(shar
     assert trainer.needs_negatives
     trainer.train()
     assert sum(len(e) for e in trainer.positive_source.entries) > 0
+
+
+def test_jeffreys_differentiates_the_copys_own_log_probability_and_lowers_both_kls(sharp_hf, tmp_path):
+    """With the ratio twist, log q_θ(s) of the Jeffreys loss (Σ_t lp0 + ℓ_t − log Σ_v p0 ψ_t, with grad) is the
+    adapted copy's own log-probability of s; trained on its own samples, the twist lowers KL(σ‖q) by enumeration."""
+    from twistlm.losses import make_rollouts
+    from twistlm.training import TwistTrainer
+
+    target = Target(sharp_hf, prompt="ab", potential=HasLetter(), max_new_tokens=2)
+    twist = _adapted(sharp_hf)
+    seqs = [[3, 5], [5, 7], [7, 8]]
+    feats = prefix_features(sharp_hf, target.prompt_ids, seqs, prompt_index=[0] * 3, max_new_tokens=2)
+    r = make_rollouts(feats, prefix_log_psi(twist, feats), torch.zeros(3), 1, proposal="twisted",
+                      differentiable_q=True)
+    with torch.no_grad():
+        copy_logp = torch.log_softmax(twist.peft(torch.tensor([target.prompt_ids[0] + s for s in seqs])).logits
+                                      .float(), dim=-1)
+    n = len(target.prompt_ids[0])
+    direct = [float(copy_logp[i, n - 1, s[0]] + copy_logp[i, n, s[1]]) for i, s in enumerate(seqs)]
+    torch.testing.assert_close(r.log_q_seq[0].detach(), torch.tensor(direct, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert r.log_q_seq.requires_grad
+
+    fresh = build_twist("ratio", sharp_hf, target, r=4, seed=0)
+    before = exact_kl(target, fresh)
+    cfg = TwistTrainingConfig(output_dir=str(tmp_path / "jef"), loss="jeffreys", learning_rate=0.003, max_steps=40,
+                              num_particles=64, logging_steps=10**6, save_steps=0, seed=3, plot=False, weight_decay=0.0)
+    TwistTrainer(fresh, target, cfg).train()
+    after = exact_kl(target, fresh)
+    print("KL(σ‖q)", before, "→", after)
+    assert after < 0.6 * before

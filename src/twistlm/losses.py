@@ -1,4 +1,4 @@
-"""Twist losses (MATH.md, "Twist losses"): CTL, RL (soft-Q), SIXO, FUDGE.
+"""Twist losses (MATH.md, "Twist losses"): CTL, RL (soft-Q), SIXO, FUDGE, and Jeffreys (the proposal's KL sum).
 
 Each loss is a small function of shape-checked tensors over B groups (one per prompt) × n samples × T steps; the
 registry :data:`LOSSES` maps a name to a :class:`TwistLoss` that knows how to feed its function from
@@ -29,12 +29,24 @@ it), ℓ_t = log ψ_t(s_1:t) (the head's value at the sampled token), a = the sa
 * **FUDGE**: for 0 ≤ φ ≤ 1 and a twist with ψ ∈ (0, 1] (sigmoid output): binary cross-entropy
   Σ_t −[y log ψ_t + (1 − y) log(1 − ψ_t)] with y ~ Bernoulli(φ(s)), s ~ p0 (with twisted negatives: weighted by
   the self-normalised p0(s)/q(s)). Optimum ψ_t = E_p0[φ | s_1:t] = ψ*_t.
+* **Jeffreys** — the KL sum KL(σ‖q_θ) + KL(q_θ‖σ) of the twist-induced proposal itself (Table 2's metric), on the
+  proposal's own samples s^k ~ q_θ (on-policy, data weights a_k; 1/K for i.i.d. draws), log w_k = log p0(s^k)
+  φ(s^k) − log q_θ(s^k):
+  ∇ KL(σ‖q_θ) = −E_σ[∇ log q_θ] ≈ −Σ_k w̄_k ∇ log q_θ(s^k), w̄ = softmax_k(log a_k + log w_k) (self-normalised);
+  ∇ KL(q_θ‖σ) = −E_q[(log w − b) ∇ log q_θ] for any constant b (E_q ∇ log q_θ = 0) ≈ −Σ_k a_k (log w_k − b) ∇ log
+  q_θ(s^k), b = Σ_k a_k log w_k. Surrogate L = −Σ_k sg(w̄_k + a_k (log w_k − b)) log q_θ(s^k). With every sequence
+  as a "sample" weighted a = q_θ its gradient is exactly ∇ of the KL sum; with K i.i.d. draws the batch-mean
+  baseline scales the reverse term's expectation by (1 − 1/K), and the forward term has SNIS's O(1/K) bias. It
+  learns the final proposal q_θ(s) = Π_t q_t(s_t | s_<t) (log q_t = lp0_t + ℓ_t − log Σ_v p0 ψ_t), not the
+  intermediate targets π_t — the natural loss for a normalised twist (the ratio twist, where π_t are q_θ's own
+  marginals). KL(q‖σ) is infinite where φ = 0: log φ is clipped below at :data:`RL_LOG_FLOOR` in the reverse term.
 
 Every function returns the mean over groups that have data (a group without positives is skipped).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -186,6 +198,24 @@ def fudge_loss(log_psi: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
     return _mean_over(per_group, keep.any(dim=2).any(dim=1), log_psi)
 
 
+def jeffreys_loss(log_q_seq: torch.Tensor, log_w: torch.Tensor, log_weight: torch.Tensor) -> torch.Tensor:
+    """Surrogate of KL(σ‖q_θ) + KL(q_θ‖σ) on samples of q_θ (module docstring): −Σ_k sg(w̄_k + a_k (log w_k − b))
+    log q_θ(s^k), per group.
+
+    log_q_seq (B, K): log q_θ(s^k) with grad. log_w (B, K): log p0 φ / q_θ of each sample (no grad; finite).
+    log_weight (B, K): log data weights a (−∞: padding rows, which get no weight).
+    """
+    _check_shapes(log_q_seq=(log_q_seq, "B,K"), log_w=(log_w, "B,K"), log_weight=(log_weight, "B,K"))
+    keep = torch.isfinite(log_weight)
+    lw = _masked(log_w.detach(), keep)
+    a = safe_softmax(log_weight.detach(), dim=1)
+    forward = safe_softmax(torch.where(keep, log_weight.detach() + lw, torch.full_like(lw, -math.inf)), dim=1)
+    baseline = (a * lw).sum(dim=1, keepdim=True)
+    coef = forward + a * (lw - baseline)
+    per_group = -(coef * _masked(log_q_seq, keep)).sum(dim=1)
+    return _mean_over(per_group, keep.any(dim=1), log_q_seq)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rollouts: what a trainer collects, and the registry adapters that feed the functions above.
 
@@ -199,7 +229,8 @@ class Rollouts:
     log_p0 / log_q (B, n, T): log p0(s_t | s_<t) and log q_t(s_t | s_<t) of the proposal that drew the sample (0
     where not learned; no grad). log_z_next (B, n, T): log Σ_v p0(v | s_1:t) ψ_t+1(s_1:t, v) (no grad; 0 where t ≥ f).
     log_phi (B, n): log φ(s). log_weight (B, n): log data weight (normalised within each group by the losses;
-    −∞ marks a padding row).
+    −∞ marks a padding row). log_q_seq (B, n): log q_θ(s) of the twisted proposal *with grad* (only when built
+    with ``differentiable_q``; None otherwise).
     """
 
     log_psi: torch.Tensor
@@ -210,6 +241,7 @@ class Rollouts:
     log_z_next: torch.Tensor
     log_phi: torch.Tensor
     log_weight: torch.Tensor
+    log_q_seq: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -241,12 +273,14 @@ def make_rollouts(
     *,
     log_weight: torch.Tensor | None = None,
     proposal: str = "base",
+    differentiable_q: bool = False,
 ) -> Rollouts:
     """Rollouts of N = B·n stored sequences (row b·n + j is sample j of group b).
 
     feats: from :func:`~twistlm.twists.features.prefix_features`. log_psi_all (N, T, V): the twist over all prefixes
     (:func:`~twistlm.twists.features.prefix_log_psi`, with grad). log_phi (N,) or (B, n). log_weight: (B, n) data
     log weights (default uniform). proposal: ``"base"`` (q = p0) or ``"twisted"`` (q ∝ p0 ψ with *this* twist).
+    differentiable_q: also return log q_θ(s) with grad (``Rollouts.log_q_seq``; the twisted proposal only).
     """
     N, T, _ = log_psi_all.shape
     if feats.tokens.shape != (N, T) or feats.logp0.shape[:2] != (N, T):
@@ -257,6 +291,8 @@ def make_rollouts(
         raise ConfigError(f"{N} rows do not split into {num_groups} groups")
     if proposal not in ("base", "twisted"):
         raise ConfigError(f"unknown proposal {proposal!r}; choose from: base, twisted")
+    if differentiable_q and proposal != "twisted":
+        raise ConfigError("log q_θ with grad exists for the twisted proposal only (q = p0 has no parameters)")
     B, n = num_groups, N // num_groups
     device = log_psi_all.device
     f64 = torch.float64
@@ -278,6 +314,10 @@ def make_rollouts(
         log_weight = torch.zeros(B, n, dtype=f64, device=device)
     log_weight = torch.as_tensor(log_weight, dtype=f64, device=device).reshape(B, n)
     shape = (B, n, T)
+    log_q_seq = None
+    if differentiable_q:  # log q_t = lp0_t + ℓ_t − log Σ_v p0 ψ_t, the normaliser with grad this time
+        lz_grad = torch.logsumexp(logp0.to(log_psi_all.dtype) + log_psi_all, dim=-1).to(f64)
+        log_q_seq = _masked(lp0 + lpsi - lz_grad, learned).sum(dim=1).view(B, n)
     return Rollouts(
         lpsi.view(shape),
         learned.view(shape),
@@ -287,6 +327,7 @@ def make_rollouts(
         z_next.view(shape),
         log_phi,
         log_weight,
+        log_q_seq,
     )
 
 
@@ -346,6 +387,13 @@ def _fudge(neg: Rollouts, pos: Rollouts | None, generator: torch.Generator | Non
     return fudge_loss(neg.log_psi, labels, _learned_weights(neg, seq_w))
 
 
+def _jeffreys(neg: Rollouts, pos: Rollouts | None, generator: torch.Generator | None) -> torch.Tensor:
+    if neg.log_q_seq is None:
+        raise ConfigError("the jeffreys loss needs negatives from the twisted proposal with log q_θ (differentiable_q)")
+    log_w = neg.p0_log_weights()[..., -1] - neg.log_weight + neg.log_phi.clamp(min=RL_LOG_FLOOR)
+    return jeffreys_loss(neg.log_q_seq, log_w, neg.log_weight)
+
+
 @dataclass(frozen=True)
 class TwistLoss:
     """A registered loss: ``compute(negatives, positives, generator) -> scalar`` and what it needs.
@@ -366,6 +414,9 @@ class TwistLoss:
     normaliser_from_negatives: bool = False
     """The negatives only estimate ∇ log Z_t: a normalised twist (``twist.normalised``) needs none — the trainers
     then pass ``negatives=None``."""
+    needs_log_q: bool = False
+    """The loss differentiates the proposal's own log q_θ(s) on its samples: negatives must come from the twisted
+    proposal, on-policy (no corpus), built with ``make_rollouts(differentiable_q=True)``."""
 
 
 LOSSES: dict[str, TwistLoss] = {
@@ -402,6 +453,17 @@ LOSSES: dict[str, TwistLoss] = {
         "base",
         "sigmoid",
         "BCE of ψ against y ~ Bernoulli(φ) on p0 samples (0 ≤ φ ≤ 1 only)",
+    ),
+    "jeffreys": TwistLoss(
+        "jeffreys",
+        _jeffreys,
+        jeffreys_loss,
+        False,
+        False,
+        "twisted",
+        "log",
+        "KL(σ‖q) + KL(q‖σ) of the twisted proposal on its own samples (on-policy)",
+        needs_log_q=True,
     ),
 }
 """Registry: loss name → :class:`TwistLoss`."""

@@ -101,10 +101,22 @@ RATIO_SIXO_CONFIG = _frozen({**RATIO_CONFIG, "num_particles": 32})
 """SIXO with the ratio twist: CTL's ratio settings, and 32 corpus negatives (p0 prefixes) per update beside the 32
 positives — twice CTL's cost per update (≈ 10 s on one thread beside another run; 150 updates ≈ 26 min)."""
 
+RATIO_JEFFREYS_CONFIG = _frozen(
+    {"num_particles": 32, "max_steps": 300, "learning_rate": 1e-4, "weight_decay": 0.0, "logging_steps": 25}
+)
+"""The KL sum of the ratio twist's proposal on its own samples (on-policy, from p0; no corpus): 300 updates × 32
+draws of q_θ at lr 1e-4 (constant). On sentiment's development seeds the KL sum was still falling at 300 (4.31, 4.07,
+3.52, 3.45, 3.17 at 100, 150, 200, 250, 300 updates; lr 3e-4 was no faster: 3.26 at 175, 3.72 at 200; EXPERIMENTS.md,
+"Learned twists", round 11). ≈ 9 s per update on one thread beside another run (300 updates ≈ 45 min: over the
+30-minute budget)."""
+
 RECIPES: dict[str, TwistRecipe] = {
     "ctl": TwistRecipe("ctl", "ratio", RATIO_TWIST, RATIO_CONFIG, "ratio twist, maximum likelihood on corpus positives"),
     "sixo": TwistRecipe("sixo", "ratio", RATIO_TWIST, RATIO_SIXO_CONFIG, "ratio twist, σ- vs p0-prefixes on the corpus"),
     "fudge": TwistRecipe("fudge", "embedding", CORPUS_TWIST, CORPUS_CONFIG, "off-policy on the cached p0 corpus"),
+    "jeffreys": TwistRecipe(
+        "jeffreys", "ratio", RATIO_TWIST, RATIO_JEFFREYS_CONFIG, "ratio twist, KL(σ‖q) + KL(q‖σ) on its own samples"
+    ),
     "rl": TwistRecipe(
         "rl",
         "embedding",

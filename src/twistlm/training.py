@@ -58,7 +58,7 @@ class TwistTrainingConfig(LoopConfig):
     (learning rate, steps, schedule, checkpoints, resume/overwrite) are those of :class:`~twistlm.trainloop.LoopConfig`."""
 
     output_dir: str = field(default="twist-out", metadata={"help": "Where checkpoints and the final twist go."})
-    loss: str = field(default="ctl", metadata={"help": "Twist loss: ctl | rl | sixo | fudge."})
+    loss: str = field(default="ctl", metadata={"help": "Twist loss: ctl | rl | sixo | fudge | jeffreys."})
     num_particles: int = field(default=32, metadata={"help": "Negatives (proposal samples) per prompt per update."})
     num_positives: int | None = field(default=None, metadata={"help": "Positives per prompt (default: num_particles)."})
     proposal: str | None = field(
@@ -206,6 +206,11 @@ class TwistTrainer(TrainLoop):
                 f"the {self.loss.name} loss needs a twist with output={self.loss.twist_output!r}, this one has "
                 f"{output!r} (build it with output={self.loss.twist_output!r})"
             )
+        if self.loss.needs_log_q and self.proposal != "twisted":
+            raise ConfigError(
+                f"the {self.loss.name} loss learns from the twisted proposal's own samples: leave proposal unset "
+                f"(or 'twisted'), not {self.proposal!r}"
+            )
         if self.loss.needs_positives and config.positives in BOUNDED_ONLY and not bounded:
             raise ConfigError(
                 f"{config.positives} positives need a potential with 0 ≤ φ ≤ 1 (use positives='smc' or 'buffer')"
@@ -256,10 +261,11 @@ class TwistTrainer(TrainLoop):
         )
         return self.positive_source.draw(request)
 
-    def _rollouts(self, samples: Samples, feats, proposal: str) -> Rollouts:
+    def _rollouts(self, samples: Samples, feats, proposal: str, differentiable_q: bool = False) -> Rollouts:
         log_psi_all = prefix_log_psi(self.twist, feats)
         B = self.target.num_prompts
-        return make_rollouts(feats, log_psi_all, samples.log_phi, B, log_weight=samples.log_weight, proposal=proposal)
+        return make_rollouts(feats, log_psi_all, samples.log_phi, B, log_weight=samples.log_weight, proposal=proposal,
+                             differentiable_q=differentiable_q)
 
     def _features(self, samples: Samples):
         """Frozen base-LM features of every prefix of ``samples`` (B groups of equal size, row b·n + j)."""
@@ -279,7 +285,9 @@ class TwistTrainer(TrainLoop):
 
     def compute_loss(self, negatives: Samples | None, positives: Samples | None) -> torch.Tensor:
         """The configured loss on stored samples (base-LM features without grad; the twist with grad)."""
-        neg = None if negatives is None else self._rollouts(negatives, self._features(negatives), self.proposal)
+        neg = None
+        if negatives is not None:
+            neg = self._rollouts(negatives, self._features(negatives), self.proposal, self.loss.needs_log_q)
         pos = None
         if positives is not None:
             # The positives' proposal does not enter any loss (only their data weights do).
