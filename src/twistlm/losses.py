@@ -302,9 +302,12 @@ def make_rollouts(
     steps = torch.arange(1, T + 1, device=device).unsqueeze(0)
     finishing = steps == feats.lengths.to(device).unsqueeze(1)
     lpsi = log_psi_all.gather(-1, tokens).squeeze(-1).to(f64)
+    # log Σ_v p0 ψ_t over the vocabulary, computed once: with grad only where log q_θ(s) is wanted
+    psi_for_z = log_psi_all if differentiable_q else log_psi_all.detach()
+    lz = torch.logsumexp(logp0.to(log_psi_all.dtype) + psi_for_z, dim=-1).to(f64)
     with torch.no_grad():
         lp0 = logp0.gather(-1, tokens).squeeze(-1).to(f64)
-        lzt = torch.logsumexp(logp0.to(log_psi_all.dtype) + log_psi_all.detach(), dim=-1).to(f64)
+        lzt = lz.detach()
         lq = lp0 if proposal == "base" else lp0 + lpsi.detach() - lzt
         z_next = torch.cat([lzt[:, 1:], torch.zeros_like(lzt[:, :1])], dim=1)
         z_next = _masked(z_next, learned & ~finishing)
@@ -315,9 +318,8 @@ def make_rollouts(
     log_weight = torch.as_tensor(log_weight, dtype=f64, device=device).reshape(B, n)
     shape = (B, n, T)
     log_q_seq = None
-    if differentiable_q:  # log q_t = lp0_t + ℓ_t − log Σ_v p0 ψ_t, the normaliser with grad this time
-        lz_grad = torch.logsumexp(logp0.to(log_psi_all.dtype) + log_psi_all, dim=-1).to(f64)
-        log_q_seq = _masked(lp0 + lpsi - lz_grad, learned).sum(dim=1).view(B, n)
+    if differentiable_q:  # log q_t = lp0_t + ℓ_t − log Σ_v p0 ψ_t, the normaliser with grad
+        log_q_seq = _masked(lp0 + lpsi - lz, learned).sum(dim=1).view(B, n)
     return Rollouts(
         lpsi.view(shape),
         learned.view(shape),
@@ -390,7 +392,7 @@ def _fudge(neg: Rollouts, pos: Rollouts | None, generator: torch.Generator | Non
 def _jeffreys(neg: Rollouts, pos: Rollouts | None, generator: torch.Generator | None) -> torch.Tensor:
     if neg.log_q_seq is None:
         raise ConfigError("the jeffreys loss needs negatives from the twisted proposal with log q_θ (differentiable_q)")
-    log_w = neg.p0_log_weights()[..., -1] - neg.log_weight + neg.log_phi.clamp(min=RL_LOG_FLOOR)
+    log_w = neg.cumulative_log_ratio()[..., -1] + neg.log_phi.clamp(min=RL_LOG_FLOOR)
     return jeffreys_loss(neg.log_q_seq, log_w, neg.log_weight)
 
 

@@ -107,7 +107,8 @@ RATIO_JEFFREYS_CONFIG = _frozen(
 """The KL sum of the ratio twist's proposal on its own samples (on-policy, from p0; no corpus): 300 updates × 32
 draws of q_θ at lr 1e-4 (constant). On sentiment's development seeds the KL sum was still falling at 300 (4.31, 4.07,
 3.52, 3.45, 3.17 at 100, 150, 200, 250, 300 updates; lr 3e-4 was no faster: 3.26 at 175, 3.72 at 200; EXPERIMENTS.md,
-"Learned twists", round 11). ≈ 6.5–9 s per update on one thread beside another run (300 updates 32.5–45 min: over
+"Learned twists", round 11). A second run with the same settings gave 3.62 at 300 and 2.97–3.59 from 350 to 600
+(no steady fall); the two runs differ for a reason not yet traced. ≈ 6.5–9 s per update on one thread beside another run (300 updates 32.5–45 min: over
 the 30-minute budget)."""
 
 RECIPES: dict[str, TwistRecipe] = {
