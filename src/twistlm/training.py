@@ -41,7 +41,7 @@ from twistlm.positives import (
 from twistlm.prompt_data import PromptBatches
 from twistlm.smc import run_smc
 from twistlm.target import Target
-from twistlm.trainloop import CURVE_NAME, EXAMPLES_PER_SNAPSHOT, LoopConfig, TrainLoop, list_checkpoints
+from twistlm.trainloop import CURVE_NAME, EXAMPLES_PER_SNAPSHOT, LoopConfig, TrainLoop, list_checkpoints, make_accelerator
 from twistlm.twists.base import Twist
 from twistlm.twists.features import prefix_features, prefix_log_psi
 from twistlm.twists.io import load_twist_state, read_config, read_weights, save_twist
@@ -219,9 +219,7 @@ class TwistTrainer(TrainLoop):
             config.positives if self.loss.needs_positives else "smc", target, config.buffer_size
         )
         if accelerator is None:
-            from accelerate import Accelerator
-
-            accelerator = Accelerator(cpu=target.lm.device.type == "cpu")
+            accelerator = make_accelerator(cpu=target.lm.device.type == "cpu")
         if config.init_twist:
             load_initial_twist(twist, config.init_twist)
         twist.to(accelerator.device)

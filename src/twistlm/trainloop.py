@@ -29,6 +29,7 @@ naming the field.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import random
@@ -104,6 +105,25 @@ class LoopConfig:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
 
+def make_accelerator(cpu: bool) -> Any:
+    """The ``accelerate.Accelerator`` every trainer uses when none is given. Under ``torchrun`` / ``accelerate
+    launch`` it also arranges that the process group is destroyed at interpreter exit: a gloo group left to the
+    interpreter's teardown can abort the process ("terminate called without an active exception") after the run
+    has finished."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cpu)
+    if accelerator.num_processes > 1:
+        atexit.register(_destroy_process_group)
+    return accelerator
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears its sockets down while another still talks through them
+        torch.distributed.destroy_process_group()
+
+
 class TrainLoop(CheckpointMixin):
     """The shared loop (module docstring). ``params``: parameters, or optimizer parameter groups (dicts).
     ``model`` is what callbacks receive as ``model=``."""
@@ -112,13 +132,12 @@ class TrainLoop(CheckpointMixin):
 
     def __init__(self, config: LoopConfig, params: Sequence[Any], *, callbacks: Sequence[Any] = (),
                  run_info: dict | None = None, accelerator: Any = None, cpu: bool = True):
-        from accelerate import Accelerator
         from transformers import TrainerControl, TrainerState, get_scheduler
 
         self.config = config
         self.callbacks = list(callbacks)
         self.run_info = dict(run_info or {})
-        self.accelerator = accelerator or Accelerator(cpu=cpu)
+        self.accelerator = accelerator or make_accelerator(cpu)
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]

@@ -39,7 +39,7 @@ from twistlm.gfn.sampling import ActionSpace, sample_trajectories
 from twistlm.gfn.trajectories import StateBatch, Trajectories, state_index
 from twistlm.resampling import log_mean_exp
 from twistlm.target import Target
-from twistlm.trainloop import EXAMPLES_PER_SNAPSHOT, TrainLoop
+from twistlm.trainloop import EXAMPLES_PER_SNAPSHOT, TrainLoop, make_accelerator
 
 BUFFER_KEY = "buffer"
 LOG_Z_KEY = "log_z"
@@ -127,9 +127,7 @@ class GFNTrainer(TrainLoop):
         if self.objective.needs_log_z:
             groups.append({"params": [self.log_z], "lr": config.log_z_learning_rate})
         if accelerator is None:
-            from accelerate import Accelerator
-
-            accelerator = Accelerator(cpu=target.lm.device.type == "cpu")
+            accelerator = make_accelerator(cpu=target.lm.device.type == "cpu")
         super().__init__(config, groups, callbacks=callbacks, run_info=run_info, accelerator=accelerator)
         self._seeded = False
 
