@@ -242,7 +242,7 @@ def test_callbacks_can_stop_training(target, capsys):
     assert "'step': 5" in capsys.readouterr().out  # Hugging Face's PrinterCallback printed the log
 
 
-def _kill_resume_setup(out: str, resume: bool, max_steps: int = 12, positives: str = "smc"):
+def _kill_resume_setup(out: str, resume: bool, max_steps: int = 12, positives: str = "smc", loss: str = "ctl"):
     """The run of the kill-and-resume test (also imported by its subprocess)."""
     torch.set_num_threads(1)
     lm = twistlm.ToyLM(vocab_size=5, seed=1)
@@ -250,7 +250,8 @@ def _kill_resume_setup(out: str, resume: bool, max_steps: int = 12, positives: s
     twist = TabularTwist.for_target(target, init_scale=1.0, seed=0, per_prompt=True)
     cfg = TwistTrainingConfig(
         output_dir=out,
-        loss="ctl",
+        loss=loss,
+        proposal="twisted" if loss == "jeffreys" else None,
         learning_rate=0.1,
         max_steps=max_steps,
         num_particles=8,
@@ -278,19 +279,19 @@ class KillAfterSave:
             print("checkpoint", state.global_step, "written; killing", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
-twist, target, cfg = _kill_resume_setup({out!r}, resume=False, positives={positives!r})
+twist, target, cfg = _kill_resume_setup({out!r}, resume=False, positives={positives!r}, loss={loss!r})
 TwistTrainer(twist, target, cfg, callbacks=[KillAfterSave()]).train()
 print("not killed", flush=True)
 """
 
 
-@pytest.mark.parametrize("positives", ["smc", "buffer"])
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path, positives):
+@pytest.mark.parametrize(("positives", "loss"), [("smc", "ctl"), ("buffer", "ctl"), ("smc", "jeffreys")])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, positives, loss):
     """A training subprocess SIGKILLed right after writing checkpoint 8 of 12, then resumed, ends with exactly the
     parameters (and log history) of an uninterrupted run with the same seed (the replay buffer's contents are part
-    of the checkpoint)."""
+    of the checkpoint; the Jeffreys run samples from the twisted proposal it trains)."""
     killed = tmp_path / "killed"
-    script = KILL_SCRIPT.format(here=str(HERE), kill_at=8, out=str(killed), positives=positives)
+    script = KILL_SCRIPT.format(here=str(HERE), kill_at=8, out=str(killed), positives=positives, loss=loss)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300, env=env
@@ -304,12 +305,13 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, positives):
     (killed / ".tmp-checkpoint-12-4242" / "optimizer.pt").write_bytes(b"garbage")
     (killed / "checkpoint-99").mkdir()
 
-    twist, target, cfg = _kill_resume_setup(str(killed), resume=True, positives=positives)
+    twist, target, cfg = _kill_resume_setup(str(killed), resume=True, positives=positives, loss=loss)
     state = TwistTrainer(twist, target, cfg).train()
     assert state.global_step == 12
     assert not (killed / ".tmp-checkpoint-12-4242").exists()
 
-    ref_twist, ref_target, ref_cfg = _kill_resume_setup(str(tmp_path / "ref"), resume=False, positives=positives)
+    ref_twist, ref_target, ref_cfg = _kill_resume_setup(str(tmp_path / "ref"), resume=False, positives=positives,
+                                                        loss=loss)
     ref_state = TwistTrainer(ref_twist, ref_target, ref_cfg).train()
     assert torch.equal(twist.table, ref_twist.table)  # bitwise
     assert [h["step"] for h in state.log_history] == [2, 4, 6, 8, 10, 12]
