@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from twistlm import Target, run_smc
 from twistlm.corpus_training import CorpusTwistTrainer
 from twistlm.errors import ConfigError
 from twistlm.potentials.base import Potential
+from twistlm.trainloop import list_checkpoints
 from twistlm.training import TwistTrainingConfig
 from twistlm.twists.features import prefix_features, prefix_log_psi
 from twistlm.twists.io import build_twist, load_twist
@@ -240,3 +243,47 @@ def test_jeffreys_differentiates_the_copys_own_log_probability_and_lowers_both_k
     after = exact_kl(target, fresh)
     print("KL(σ‖q)", before, "→", after)
     assert after < 0.6 * before
+
+
+
+class _CtrlC:
+    """Ctrl-C landing inside update ``at`` (after its sampling, before its log line), as from a terminal."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_inside_a_jeffreys_ratio_twist_update_resumes_to_the_uninterrupted_run(sharp_hf, tmp_path, capsys):
+    """On-policy from the LoRA copy it trains (the sentiment recipe's kind and loss): Ctrl-C inside update 4 of 6
+    lets it finish and checkpoint, and the resumed run's adapters and log history are the uninterrupted run's,
+    bitwise."""
+    from twistlm.interrupts import STOP_MESSAGE
+    from twistlm.training import TwistTrainer
+
+    target = Target(sharp_hf, prompt="ab", potential=HasLetter(), max_new_tokens=2)
+
+    def run(out, resume=False, callbacks=()):
+        twist = build_twist("ratio", sharp_hf, target, r=4, seed=0)
+        cfg = TwistTrainingConfig(output_dir=str(out), loss="jeffreys", learning_rate=0.003, max_steps=6,
+                                  num_particles=16, logging_steps=1, save_steps=3, seed=3, plot=False,
+                                  weight_decay=0.0, resume=resume)
+        state = TwistTrainer(twist, target, cfg, callbacks=list(callbacks)).train()
+        return twist, state
+
+    straight, straight_state = run(tmp_path / "straight")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background parent may pass SIG_IGN
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "split", callbacks=[_CtrlC(4)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert STOP_MESSAGE in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["checkpoint-3", "checkpoint-4"]
+    resumed, resumed_state = run(tmp_path / "split", resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+    assert [h["step"] for h in resumed_state.log_history] == [1, 2, 3, 4, 5, 6]
+    assert resumed_state.log_history == straight_state.log_history

@@ -107,3 +107,46 @@ def test_ctrl_c_writes_a_checkpoint_of_the_last_finished_step(tmp_path, one_thre
     b.train()
     for p, q in zip(a.twist.parameters(), b.twist.parameters()):
         assert torch.equal(p, q)
+
+
+def test_an_interrupt_inside_an_update_saves_nothing_and_resume_matches(tmp_path, one_thread, capsys):
+    """A KeyboardInterrupt that lands inside update 6 (its sampling done, its log line not written; a second
+    Ctrl-C, or one where no handler could be installed) checkpoints nothing: resume continues from checkpoint-4 and
+    ends where the uninterrupted run ends, log history included."""
+    out = tmp_path / "run"
+
+    class Interrupt:
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        TwistTrainer(*_kill_resume_setup(str(out), resume=False, max_steps=12), callbacks=[Interrupt()]).train()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    assert "interrupted inside an update: nothing saved; resume continues from checkpoint-4" in capsys.readouterr().err
+    a = TwistTrainer(*_kill_resume_setup(str(tmp_path / "straight"), resume=False, max_steps=12))
+    a_state = a.train()
+    b = TwistTrainer(*_kill_resume_setup(str(out), resume=True, max_steps=12))
+    b_state = b.train()
+    assert all(torch.equal(p, q) for p, q in zip(a.twist.parameters(), b.twist.parameters()))
+    assert a_state.log_history == b_state.log_history
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    import signal
+
+    from twistlm.interrupts import DeferredInterrupt
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with DeferredInterrupt() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with DeferredInterrupt() as stop:  # an ignored SIGINT (a background job) stays ignored
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -21,8 +21,9 @@ step, the log history and **every process's** RNG states (the sampler's generato
 Python/NumPy states JSON, optimizer/scheduler/extra state go through ``torch.load(weights_only=True)``. A checkpoint is
 written to a temporary folder and moved into place with ``os.replace``; a run killed at any moment leaves only
 complete checkpoints, and ``resume`` continues from the newest one that reads back intact (falling back to older ones,
-and saying so) with the same result as the uninterrupted run. Ctrl-C writes a checkpoint of the last finished step
-before the interrupt propagates. A non-empty ``output_dir`` is refused unless ``resume`` or ``overwrite``; a resume
+and saying so) with the same result as the uninterrupted run. Ctrl-C lets the current update finish, writes its
+checkpoint and then stops (:mod:`twistlm.interrupts`; a second Ctrl-C stops at once, and resume continues from the
+last checkpoint). A non-empty ``output_dir`` is refused unless ``resume`` or ``overwrite``; a resume
 whose settings (including the task, its options, the horizon and the model) differ from the checkpoint's is refused
 naming the field.
 """
@@ -47,6 +48,7 @@ from twistlm.checkpoints import CheckpointMixin, list_checkpoints
 from twistlm.errors import ConfigError, TwistLMError
 from twistlm.files import atomic_write_text
 from twistlm.html.training_page import write_training_page
+from twistlm.interrupts import DeferredInterrupt
 from twistlm.training_curves import plot_training_curves
 
 CONFIG_NAME = "training_config.json"
@@ -269,28 +271,52 @@ class TrainLoop(CheckpointMixin):
         self.prepare()
         self._event("on_train_begin")
         start = time.perf_counter()
+        stop = DeferredInterrupt()
+        boundary = True  # the state is that of a finished update (or of the start): safe to checkpoint
         try:
-            while self.state.global_step < cfg.max_steps and not self.control.should_training_stop:
-                self._event("on_step_begin")
-                value, info = self.training_step()
-                self.state.global_step += 1
-                self.state.epoch = self.state.global_step / cfg.max_steps
-                self._window.append(value)
-                self._event("on_step_end")
-                step = self.state.global_step
-                if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                    self.log(self.eval_metrics(info))
-                    self._record_samples(info)
-                if cfg.save_steps and step % cfg.save_steps == 0:
-                    self.save_checkpoint()
+            with stop:
+                while self.state.global_step < cfg.max_steps and not self.control.should_training_stop:
+                    self._event("on_step_begin")
+                    boundary = False
+                    value, info = self.training_step()
+                    self.state.global_step += 1
+                    self.state.epoch = self.state.global_step / cfg.max_steps
+                    self._window.append(value)
+                    self._event("on_step_end")
+                    step = self.state.global_step
+                    if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                        self.log(self.eval_metrics(info))
+                        self._record_samples(info)
+                    if cfg.save_steps and step % cfg.save_steps == 0:
+                        self.save_checkpoint()
+                    boundary = True
+                    if self._any_process(stop.requested):
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if self.state.global_step > 0 and not (self.output_dir / f"checkpoint-{self.state.global_step}").exists():
-                self.save_checkpoint()  # the last finished step, so --resume continues from here
+            self._on_interrupt(boundary)
             raise
         self.state.train_runtime = time.perf_counter() - start
         self.save_outputs()
         self._event("on_train_end")
         return self.state
+
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` on any process (every process must stop at the same update: checkpoints are collective)."""
+        if self.accelerator.num_processes <= 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def _on_interrupt(self, boundary: bool) -> None:
+        """Checkpoint the last finished update, unless the interrupt landed inside one (its state is neither the
+        update's nor the one before it): then the newest periodic checkpoint stands."""
+        step = self.state.global_step
+        if not boundary:
+            last = list_checkpoints(self.output_dir)
+            since = f"from {last[-1].name}" if last else "from the start"
+            self._warn(f"interrupted inside an update: nothing saved; resume continues {since}")
+        elif step > 0 and not (self.output_dir / f"checkpoint-{step}").exists():
+            self.save_checkpoint()  # so resume continues from here
 
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.accelerator.num_processes <= 1 or not metrics:
