@@ -108,7 +108,11 @@ RATIO_JEFFREYS_CONFIG = _frozen(
 draws of q_θ at lr 1e-4 (constant). On sentiment's development seeds the KL sum was still falling at 300 (4.31, 4.07,
 3.52, 3.45, 3.17 at 100, 150, 200, 250, 300 updates; lr 3e-4 was no faster: 3.26 at 175, 3.72 at 200; EXPERIMENTS.md,
 "Learned twists", round 11). A second run with the same settings gave 3.62 at 300 and 2.97–3.59 from 350 to 600
-(no steady fall); the two runs differ for a reason not yet traced. ≈ 6.5–9 s per update on one thread beside another run (300 updates 32.5–45 min: over
+(no steady fall; its checkpoint 450, chosen there, gives 2.78 ± 0.55 on the report seed). The first run was
+stopped and resumed at 200. A run killed (toy) or stopped by Ctrl-C (an HF ratio twist) and resumed is bitwise the
+uninterrupted one (tests), but until session 19 Ctrl-C checkpointed mid-update, and a resume from that was not
+(mended: ``twistlm.interrupts``); which of the two stopped that run is not on record. A checkpoint-to-checkpoint spread of ±0.3 nats
+within one run covers the gap either way. ≈ 6.5–9 s per update on one thread beside another run (300 updates 32.5–45 min: over
 the 30-minute budget)."""
 
 RECIPES: dict[str, TwistRecipe] = {
