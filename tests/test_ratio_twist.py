@@ -245,7 +245,6 @@ def test_jeffreys_differentiates_the_copys_own_log_probability_and_lowers_both_k
     assert after < 0.6 * before
 
 
-
 class _CtrlC:
     """Ctrl-C landing inside update ``at`` (after its sampling, before its log line), as from a terminal."""
 

@@ -41,7 +41,14 @@ from twistlm.positives import (
 from twistlm.prompt_data import PromptBatches
 from twistlm.smc import run_smc
 from twistlm.target import Target
-from twistlm.trainloop import CURVE_NAME, EXAMPLES_PER_SNAPSHOT, LoopConfig, TrainLoop, list_checkpoints, make_accelerator
+from twistlm.trainloop import (
+    CURVE_NAME,
+    EXAMPLES_PER_SNAPSHOT,
+    LoopConfig,
+    TrainLoop,
+    list_checkpoints,
+    make_accelerator,
+)
 from twistlm.twists.base import Twist
 from twistlm.twists.features import prefix_features, prefix_log_psi
 from twistlm.twists.io import load_twist_state, read_config, read_weights, save_twist

@@ -116,6 +116,7 @@ def make_accelerator(cpu: bool) -> Any:
 
     accelerator = Accelerator(cpu=cpu)
     if accelerator.num_processes > 1:
+        atexit.unregister(_destroy_process_group)  # once per process, however many trainers it builds
         atexit.register(_destroy_process_group)
     return accelerator
 
