@@ -109,14 +109,13 @@ class CorpusTwistTrainer(TwistTrainer):
             torch.zeros(B, n, dtype=torch.float64, device=device),
         )
 
-    def training_step(self) -> tuple[float, list | None]:
+    def batch_loss(self) -> tuple[torch.Tensor, list | None]:
         self.twist.train()
         neg = self._rollouts(self._draw(self.config.num_particles, "p0")) if self.needs_negatives else None
         pos = None
         if self.loss.needs_positives:
             pos = self._rollouts(self._draw(self.config.positives_per_prompt, "sigma"))
-        loss = self.loss.compute(neg, pos, self.generator)
-        return self.optimizer_step(loss, {self.loss.name: loss}), None
+        return self.loss.compute(neg, pos, self.generator), None
 
 
 def make_twist_trainer(twist, target, config: TwistTrainingConfig, **kwargs) -> TwistTrainer:

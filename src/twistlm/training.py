@@ -310,8 +310,14 @@ class TwistTrainer(TrainLoop):
         if callable(bind):
             bind(self.target)
 
-    def training_step(self) -> tuple[float, list]:
+    def training_step(self) -> tuple[float, list | None]:
         """Sample, compute the loss, take one optimizer step; returns the loss and the negatives' results."""
+        loss, results = self.batch_loss()
+        return self.optimizer_step(loss, {self.loss.name: loss}), results
+
+    def batch_loss(self) -> tuple[torch.Tensor, list | None]:
+        """One update's loss (with grad, no step) on freshly drawn samples, and the negatives' results. Advances the
+        trainer's generator like an update; :func:`twistlm.grad_noise.gradient_noise` calls it repeatedly."""
         self.twist.train()
         self.update_target()
         negatives, results = None, None
@@ -320,8 +326,7 @@ class TwistTrainer(TrainLoop):
             if self.loss.needs_positives:  # SIS negatives: log_weights = log σ̃(s) − log q(s) exactly
                 self.positive_source.observe(negatives, torch.stack([r.log_weights.double() for r in results]))
         positives = self._positives()
-        loss = self.compute_loss(negatives, positives)
-        return self.optimizer_step(loss, {self.loss.name: loss}), results
+        return self.compute_loss(negatives, positives), results
 
     def eval_metrics(self, results: list) -> dict[str, float]:
         """log Ẑ, ESS and mean φ of the twisted proposal (reuses the negatives when they came from it).
