@@ -112,8 +112,10 @@ draws of q_θ at lr 1e-4 (constant). On sentiment's development seeds the KL sum
 stopped and resumed at 200. A run killed (toy) or stopped by Ctrl-C (an HF ratio twist) and resumed is bitwise the
 uninterrupted one (tests), but until session 19 Ctrl-C checkpointed mid-update, and a resume from that was not
 (mended: ``twistlm.interrupts``); which of the two stopped that run is not on record. A checkpoint-to-checkpoint
-spread of ±0.3 nats within one run covers the gap either way. ≈ 6.5–9 s per update on one thread beside another run
-(300 updates 32.5–45 min: over the 30-minute budget)."""
+spread of ±0.3 nats within one run covers the gap either way: an update's 32 draws are 25–55× below the gradient's
+noise scale on sentiment (805 samples at p0, ≈ 1,700 after 300 updates; :mod:`twistlm.grad_noise`, EXPERIMENTS.md
+round 13). ≈ 6.5–9 s per update on one thread beside another run (300 updates 32.5–45 min: over the 30-minute
+budget)."""
 
 RECIPES: dict[str, TwistRecipe] = {
     "ctl": TwistRecipe("ctl", "ratio", RATIO_TWIST, RATIO_CONFIG, "ratio twist, maximum likelihood on corpus positives"),
