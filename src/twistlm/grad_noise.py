@@ -71,14 +71,15 @@ def summarise(grads: torch.Tensor, particles: int) -> GradientNoise:
     # leave-one-out: ‖Σ_{j≠i} g_j‖² = ‖Σ‖² − 2 g_i·Σ + ‖g_i‖²
     loo = ((total_sq - 2 * cross + sq) - (sq.sum() - sq)) / ((n - 1) * (n - 2))
     se = math.sqrt(float((n - 1) / n * (loo - loo.mean()).pow(2).sum()))
-    noise = float((g - g.mean(dim=0)).pow(2).sum() / (n - 1))
+    noise = float((sq.sum() - total_sq / n) / (n - 1))  # Σ‖g_i − ḡ‖² / (n − 1), without an (n, P) temporary
     return GradientNoise(n, particles, float(signal), se, noise)
 
 
 def gradient_noise(trainer: Any, batches: int) -> GradientNoise:
     """Measure a twist trainer's gradient noise at its twist's current parameters: ``batches`` calls of
     ``trainer.batch_loss()`` (each draws its own samples, as an update would; the trainer's generator advances, the
-    parameters do not change). ``trainer``: a :class:`~twistlm.training.TwistTrainer` or its corpus variant."""
+    parameters do not change). ``trainer``: a :class:`~twistlm.training.TwistTrainer` or its corpus variant, in one
+    process (gradients are not averaged over processes here)."""
     if batches < MIN_BATCHES:
         raise ConfigError(f"batches must be at least {MIN_BATCHES}, got {batches}")
     params = [p for p in trainer.model.parameters() if p.requires_grad]
