@@ -156,14 +156,14 @@ def test_classify_command_checks_the_policy_before_loading(tmp_path, shared_data
 
 @pytest.mark.model
 def test_the_subjectivity_gfn_problem_has_one_stop_and_reads_the_sentence_only(smol, shared_data):
-    from twistlm.gfn.problems import SUBJECTIVITY_RECIPE, build_problem, period_token
+    from twistlm.gfn.problems import SUBJECTIVITY_RECIPE, build_problem, stop_token
     from twistlm.gfn.rewards import reward_for
 
     problem = build_problem("subjectivity", smol, data=str(shared_data / "subj/train.10.jsonl"))
     target = problem.target
     assert target.num_prompts == 10 and problem.condition == "prompt" and problem.config == SUBJECTIVITY_RECIPE
-    assert problem.space.stop_ids == (period_token(smol),)
-    other_stops = [t for t in target.stop_ids if t != period_token(smol)]
+    assert problem.space.stop_ids == (stop_token(smol),)
+    other_stops = [t for t in target.stop_ids if t != stop_token(smol)]
     assert other_stops and not bool(problem.space.allowed[other_stops].any())
     assert reward_for(target, problem.space.stop_ids).prefix_defined  # SubTB can use it
     with pytest.raises(ConfigError, match="no subjectivity examples"):

@@ -43,17 +43,17 @@ def test_bleu_is_sacrebleus_corpus_bleu_and_intervals_cover_the_value():
 
 @pytest.mark.model
 def test_the_story_problem_reads_the_ending_and_labels_true_sentences(smol, shared_data):
-    from twistlm.gfn.problems import STORY_RECIPE, build_problem, period_token
+    from twistlm.gfn.problems import STORY_RECIPE, build_problem, stop_token
 
     problem = build_problem("infilling", smol, data=str(shared_data / STORIES), prompts=20)
-    assert problem.condition == "observation" and problem.space.stop_ids == (period_token(smol),)
+    assert problem.condition == "observation" and problem.space.stop_ids == (stop_token(smol),)
     assert problem.config == STORY_RECIPE
     assert 15 <= len(problem.given) <= 20
     for i, g in problem.given.items():
         text = smol.decode(g.tokens + [g.stop_token]).strip()
         assert text == problem.target.extras["middle"][i].strip()
         assert not any(problem.space.is_stop[t] for t in g.tokens)
-    other_stops = [t for t in problem.target.stop_ids if t != period_token(smol)]
+    other_stops = [t for t in problem.target.stop_ids if t != stop_token(smol)]
     assert not bool(problem.space.allowed[other_stops].any())
 
 

@@ -42,6 +42,7 @@ def classify_command(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, few-shot, lora-sft, latent-em.")] = DEFAULT_METHODS,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs of LoRA SFT (lora-sft, latent-em's M-step; default: SFTSettings').")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="LoRA SFT learning rate (lora-sft, latent-em).")] = None,
+    form: Annotated[str, typer.Option("--form", help="How the task writes a rationale: sentence or short (the GFlowNet paper's SUBJ format).")] = "sentence",
     policy: Annotated[Path | None, typer.Option("--policy", help="latent-em's rationale sampler (E-step proposal and prediction): a train-gfn --task subjectivity policy (default: p0).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model directory or .gguf file.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (demonstration order, SFT batches).")] = 0,
@@ -53,7 +54,7 @@ def classify_command(
 
     from twistlm.classify import ADAPTER_METHODS, Labelled, SFTSettings, accuracy, fit
     from twistlm.data import load_subj
-    from twistlm.tasks.subjectivity import LABEL_FORMAT
+    from twistlm.tasks.subjectivity import LABEL_FORMATS
 
     if limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
@@ -65,6 +66,8 @@ def classify_command(
         raise ConfigError(f"--lr must be positive, got {learning_rate}")
     from twistlm.classify import METHODS
 
+    if form not in LABEL_FORMATS:
+        raise ConfigError(f"--form {form!r}: choose from {', '.join(LABEL_FORMATS)}")
     names = method_names(methods, METHODS, "classifier method")
     if not names:
         raise ConfigError("--methods is empty")
@@ -74,7 +77,7 @@ def classify_command(
     if policy is not None:
         if "latent-em" not in names:
             raise ConfigError("--policy is latent-em's rationale sampler: add latent-em to --methods")
-        check_policies([policy], "subjectivity", {}, model)
+        check_policies([policy], "subjectivity", {"form": form}, model)
     if json_out is not None:
         check_writable(json_out)
     train = [Labelled(e.text, e.label) for e in load_subj(labelled)]
@@ -107,7 +110,7 @@ def classify_command(
     for name in names:
         start = time.perf_counter()
         own = load_model(model) if name in ADAPTER_METHODS else lm  # the adapter goes into the model it is fitted on
-        classifier = fit(name, own, LABEL_FORMAT, train, seed=seed, settings=settings, sampler=sampler)
+        classifier = fit(name, own, LABEL_FORMATS[form], train, seed=seed, settings=settings, sampler=sampler)
         pred = classifier.predict(texts)
         acc, seconds = accuracy(pred, gold), time.perf_counter() - start
         lo, hi = acc.interval
@@ -120,7 +123,7 @@ def classify_command(
     console.print(table)
     if json_out is not None:
         write_json(json_out, {"settings": {"labelled": str(labelled), "data": str(data), "index": index,
-                                           "limit": limit, "scored": len(rows), "seed": seed,
+                                           "limit": limit, "scored": len(rows), "seed": seed, "form": form,
                                            "model": model or EMBEDDED_LABEL, "sft": asdict(settings),
                                            "policy": None if policy is None else str(policy)},
                               "gold": gold, "methods": out})

@@ -11,10 +11,10 @@ trajectories and the task's recipe defaults (registry ``PROBLEMS``; any other ta
   policy reading o (condition
   ``observation``), exactly T actions (the target gives any other span length φ = 0), recipe :data:`EXACT_SPAN_RECIPE`;
   in stories mode (``data=``) the true 4th sentences are the labelled trajectories (:func:`true_middles`).
-* ``subjectivity`` — one-sentence rationales z of labelled SUBJ sentences (x, y), R(z ⊤) = p0(z "." y | x), the
-  policy q(z | x) reading x only (it must infer y): the rationale sampler of latent-rationale EM
-  (:mod:`twistlm.latent_em`).
-  Stories infilling and subjectivity share :func:`sentence_space` ("." the one stop action).
+* ``subjectivity`` — rationales z of labelled SUBJ sentences (x, y), R(z ⊤) = p0(z ⊤ y | x) (``form=short``: minus
+  50 nats when p0 then prefers the wrong label), the policy q(z | x) reading x only (it must infer y): the
+  rationale sampler of latent-rationale EM (:mod:`twistlm.latent_em`).
+  Stories infilling and subjectivity share :func:`sentence_space` (one stop action: "." or the short form's ",").
 * any other task — its own target (``prompts`` = how many of its prompts, from ``index``), the full vocabulary, its
   stop tokens, 1 to T actions; a target with observations (``extras["observation"]``) gets a policy that reads them (:func:`~twistlm.conditioning.default_condition`).
 """
@@ -183,46 +183,102 @@ def infilling_problem(lm: ParticleLM, *, prompts: int | None = None, **options: 
 
 SUBJECTIVITY_RECIPE = {"objective": "subtb", "replay_prob": 0.5, "tempered_prob": 0.0, "learning_rate": 1e-4,
                        "max_len": 12}
-"""GFNConfig values for the SUBJ rationale policy: modified SubTB (the likelihood reward exists at every prefix), the
-reference's SUBJ exploration (half on-policy, half replay) and learning rate 1e-4 (REFERENCES (B)); the stop forced
-after 12 actions (the reference's rationales have 5). With the arithmetic defaults (lr 3e-4) and 24 actions the
-policy drifted to long, p0-unlikely text within 40 updates (mean log R −63 → −99; EXPERIMENTS.md, ninth session)."""
+"""GFNConfig values for the SUBJ rationale policy, sentence form: modified SubTB (the likelihood reward exists at
+every prefix), the reference's SUBJ exploration (half on-policy, half replay) and learning rate 1e-4 (REFERENCES (B));
+the stop forced after 12 actions (the reference's rationales have 5). With the arithmetic defaults (lr 3e-4) and 24
+actions the policy drifted to long, p0-unlikely text within 40 updates (mean log R −63 → −99; EXPERIMENTS.md, ninth
+session)."""
+SHORT_SUBJECTIVITY_RECIPE = {"objective": "subtb", "replay_prob": 0.5, "tempered_prob": 0.0, "learning_rate": 5e-4,
+                             "max_len": 5}
+"""GFNConfig values for the short form (the reference's own SUBJ E-step, REFERENCES (B)): SubTB, half on-policy /
+half replay, lr 5e-4, 1 to 5 actions before the stop ","; the reward's wrong-label penalty λ = 50
+(:data:`SHORT_SUBJECTIVITY_PENALTY`)."""
+SHORT_SUBJECTIVITY_PENALTY = 50.0
+"""The reference's E-step reward subtracts 50 nats when p0, after the rationale, prefers the wrong label."""
+WISHFUL_RATIONALES = 20
+"""Buffer seeds per labelled sentence (short form), as in the reference: p0's continuations of
+``prompt + " <label> because it is"``, cut at the first token that is not a word."""
+WISHFUL_SEED = 20_000
+"""Seed of the buffer-seed draws (fixed: the problem, hence a run, is a function of its options)."""
 
 
 @register_problem("subjectivity")
 def subjectivity_problem(lm: ParticleLM, *, prompts: int | None = None, **options: Any) -> GFNProblem:
     """Rationales for ``prompts`` labelled sentences (default: every row of ``data`` from ``index``, or the built-in
-    examples), reward R(z ⊤) = p0(z "." y | x) with y the sentence's own label, "." as the one stop action
-    (:func:`sentence_space`). The policy reads the sentence only (condition ``prompt``), as in the GFlowNet paper's
-    E-step: amortized over many x, q(z | x) must write the rationale that explains a label it does not see, so on a
-    new sentence it proposes rationales for the label it infers — what latent-rationale EM then predicts from
-    (:mod:`twistlm.latent_em`)."""
-    from twistlm.tasks.subjectivity import problem_count
+    examples), reward R(z ⊤) = p0(z ⊤ y | x) with y the sentence's own label and ⊤ the form's one stop action
+    (:func:`sentence_space`: "." for ``form=sentence``, "," for ``form=short``, whose default ``penalty`` is the
+    reference's 50 nats for a rationale after which p0 prefers the wrong label). The policy reads the sentence only
+    (condition ``prompt``), as in the GFlowNet paper's E-step: amortized over many x, q(z | x) must write the
+    rationale that explains a label it does not see, so on a new sentence it proposes rationales for the label it
+    infers — what latent-rationale EM then predicts from (:mod:`twistlm.latent_em`)."""
+    from twistlm.tasks.subjectivity import DEFAULT_FORM, FORMS, problem_count
 
+    form = options.get("form", DEFAULT_FORM)
+    short = form == "short"
+    if short:
+        options.setdefault("penalty", SHORT_SUBJECTIVITY_PENALTY)
     count = prompts if prompts is not None else problem_count(**options) - int(options.get("index", 0))
     if count < 1:
         raise ConfigError(f"no subjectivity examples from index {options.get('index', 0)}")
     target = get_task("subjectivity").build(lm, num_prompts=count, **options)
     info = {"task_options": options, "train_problems": count}
-    return GFNProblem(target, sentence_space(target), {}, (1.0, 1.0, 1), info, dict(SUBJECTIVITY_RECIPE))
+    recipe = SHORT_SUBJECTIVITY_RECIPE if short else SUBJECTIVITY_RECIPE
+    problem = GFNProblem(target, sentence_space(target, FORMS[form].stop), {}, (1.0, 1.0, 1), info, dict(recipe))
+    if short:
+        problem.buffer_seeds = wishful_rationales(target, problem.space, int(recipe["max_len"]), WISHFUL_RATIONALES,
+                                                  torch.Generator().manual_seed(WISHFUL_SEED))
+        info["buffer_seeds"] = sum(len(v) for v in problem.buffer_seeds.values())
+    return problem
 
 
-def sentence_space(target: Target) -> ActionSpace:
-    """A one-sentence latent: the full vocabulary but the target's other sentence-ending tokens, "." as the one stop
-    action (:func:`period_token`), 1 to T actions. One stop because the likelihood reward scores the observation
-    after it (R(z ⊤) = p0(z "." y | x)); the policy then covers the part of σ that ends on "." or at T."""
+def wishful_rationales(target: Target, space: ActionSpace, max_len: int, per_example: int,
+                       generator: torch.Generator) -> dict[int, list[GivenTrajectory]]:
+    """Plausible label-consistent rationales to seed the replay buffer (REFERENCES (B), SUBJ): for each labelled
+    prompt x with label name y, ``per_example`` draws from p0 after ``x + " " + y + " because it is"``, cut before the
+    first token that is not a word (letters or digits after optional spaces) and at ``max_len`` tokens, then used as
+    rationales of x itself ("… This review is" + " a factual account" + ","). Empty draws and tokens outside the
+    policy's space are left out; duplicates stay (the buffer removes them)."""
+    from twistlm.data import SUBJ_LABEL_NAMES
+    from twistlm.gfn.sampling import sample_trajectories
+    from twistlm.tasks.subjectivity import LABEL_KEY
+
+    lm = target.lm
+    word = _allowed(lm, lambda t: t.strip().isalnum())
+    prompts = [list(lm.encode(p + f" {SUBJ_LABEL_NAMES[y]} because it is"))
+               for p, y in zip(target.prompts, target.extras[LABEL_KEY])]
+    ends = tuple(int(v) for v in torch.nonzero(~word).flatten() if int(v) != lm.eos_token_id) + (lm.eos_token_id,)
+    free = ActionSpace(torch.ones(lm.vocab_size, dtype=torch.bool), ends, 0, max_len)
+    stop = space.stop_ids[0]
+    out: dict[int, list[GivenTrajectory]] = {}
+    for c in range(0, len(prompts), SEED_CHUNK_PROMPTS):
+        trajs = sample_trajectories(lm, prompts[c : c + SEED_CHUNK_PROMPTS], per_example, free, generator)
+        for i, toks in enumerate(trajs.tokens):
+            if toks and bool(space.allowed[toks].all()):
+                out.setdefault(c + trajs.prompt_index[i], []).append(GivenTrajectory(list(toks), [False] * len(toks), stop))
+    return out
+
+
+SEED_CHUNK_PROMPTS = 8
+"""Prompts whose buffer seeds are drawn side by side."""
+
+
+def sentence_space(target: Target, stop: str = ".") -> ActionSpace:
+    """A one-sentence (or one-clause) latent: the full vocabulary but the target's other stop tokens, ``stop`` as the
+    one stop action (:func:`stop_token`), 1 to T actions. One stop because the likelihood reward scores the
+    observation after it (R(z ⊤) = p0(z ⊤ y | x)); the policy then covers the part of σ that ends on it or at T."""
     lm = target.lm
     allowed = torch.ones(lm.vocab_size, dtype=torch.bool)
     allowed[list(target.stop_ids)] = False  # other sentence ends would end the target's sentence too
-    return ActionSpace(allowed, (period_token(lm),), 1, target.max_new_tokens)
+    return ActionSpace(allowed, (stop_token(lm, stop),), 1, target.max_new_tokens)
 
 
-def period_token(lm: ParticleLM) -> int:
-    """The token of "." — the stop action of a story sentence: the likelihood reward scores the ending after one stop
-    token (R(z ⊤) = p0(z "." y | x)); sentences ending on "!" or "?" are outside the policy's space."""
-    ids = lm.tokenize(".")
+def stop_token(lm: ParticleLM, text: str = ".") -> int:
+    """The token of ``text`` ("." ends a story sentence, "," a short SUBJ rationale): the likelihood reward scores
+    the observation after one stop token (R(z ⊤) = p0(z ⊤ y | x)); latents ending on another stop ("!", "?") are
+    outside the policy's space."""
+    ids = lm.tokenize(text)
     if len(ids) != 1:
-        raise ConfigError(f"'.' is {len(ids)} tokens for this tokenizer; the story infilling policy needs one")
+        raise ConfigError(f"{text!r} is {len(ids)} tokens for this tokenizer; the policy's stop action must be one")
     return ids[0]
 
 

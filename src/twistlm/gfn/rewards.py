@@ -8,7 +8,8 @@ tool-augmented p0, as in :mod:`twistlm.tools`):
 
 * :class:`LikelihoodReward` (latent variables: infilling, arithmetic answers, labels; potential φ = p0(y | x, z ⊤)):
   log R(z_1:m ⊤) = cum_m + log p0(⊤ y | x, z_1:m) — the stop token then the observation y, scored for every m in
-  one packed forward (:func:`~twistlm.gfn.scoring.suffix_at_states`);
+  one packed forward (:func:`~twistlm.gfn.scoring.suffix_at_states`); at a cut (below) log p0(y | x, z_1:T);
+* :class:`JudgedLikelihoodReward` (the same with a penalty when p0 then prefers a wrong label, SUBJ's E-step);
 * :class:`TemperedReward` (φ = p0^{1/τ−1}): log R = (cum_m + log p0(⊤ | x, z_1:m)) / τ, ⊤ the set of stop tokens;
 * :class:`PotentialReward` (any other potential): log R = cum_m + log p0(⊤ | x, z_1:m) + log φ(z_1:m).
 
@@ -34,6 +35,7 @@ from twistlm.errors import ConfigError
 from twistlm.gfn.scoring import gather_logprobs, prefix_pass, stop_logprobs, suffix_at_states
 from twistlm.gfn.trajectories import Trajectories
 from twistlm.lm import ParticleLM
+from twistlm.potentials.judged import JudgedObservationPotential
 from twistlm.potentials.likelihood import InfillingPotential, TemperedPotential
 from twistlm.target import Target
 
@@ -135,9 +137,43 @@ class LikelihoodReward(PrefixReward):
         seqs = target.sequences([[] for _ in target.prompt_ids], list(range(target.num_prompts)))
         self.observations = [list(o) for o in potential.observations(seqs)]
 
+    def observation_term(self, lm, ppass, trajs, states, observations) -> torch.Tensor:
+        """log p0(⊤ o_i | x, z_1:m) at every state for the observation o_i of each trajectory — except at the final
+        state of a trajectory cut at its maximum length, where the target truncates (no stop): log p0(o_i | x, z_1:T),
+        so that σ ∝ R is the sampler's σ there too."""
+        out = suffix_at_states(lm, ppass, states, [self.feed_stop + list(o) for o in observations])
+        if not self.feed_stop:
+            return out
+        cut = [[st[-1]] if not trajs.stopped[i] and st and st[-1] == len(trajs.tokens[i]) else []
+               for i, st in enumerate(states)]
+        if any(cut):
+            at_cut = suffix_at_states(lm, ppass, cut, [list(o) for o in observations])
+            for i, c in enumerate(cut):
+                if c:
+                    out[i, len(states[i]) - 1] = at_cut[i, 0]
+        return out
+
     def compute(self, lm, ppass, trajs, states, cum):
-        suffixes = [self.feed_stop + self.observations[b] for b in trajs.prompt_index]
-        return cum + suffix_at_states(lm, ppass, states, suffixes)
+        return cum + self.observation_term(lm, ppass, trajs, states, [self.observations[b] for b in trajs.prompt_index])
+
+
+class JudgedLikelihoodReward(LikelihoodReward):
+    """The likelihood reward with the judged potential's penalty (:mod:`twistlm.potentials.judged`) at every state:
+    log R(z_1:m ⊤) = cum_m + log p0(⊤ o_y | x, z_1:m) − λ·1[some p0(⊤ o_l | x, z_1:m) > p0(⊤ o_y | x, z_1:m)]."""
+
+    name = "judged-likelihood"
+
+    def __init__(self, target: Target, stop_ids: Sequence[int], floor: float = LOG_REWARD_FLOOR):
+        super().__init__(target, stop_ids, floor)
+        seqs = target.sequences([[] for _ in target.prompt_ids], list(range(target.num_prompts)))
+        self.alternatives = [[list(o) for o in alts] for alts in target.potential.alternatives(seqs)]
+
+    def compute(self, lm, ppass, trajs, states, cum):
+        potential, rows = self.target.potential, trajs.prompt_index
+        true_lp = self.observation_term(lm, ppass, trajs, states, [self.observations[b] for b in rows])
+        alt_lps = [self.observation_term(lm, ppass, trajs, states, [self.alternatives[b][j] for b in rows])
+                   for j in range(len(self.alternatives[0]) if potential.penalty > 0 else 0)]
+        return cum + true_lp - potential.penalty * potential.wrong(true_lp, alt_lps)
 
 
 class TemperedReward(PrefixReward):
@@ -174,8 +210,13 @@ class PotentialReward(PrefixReward):
         return out + phi
 
 
-REWARDS: dict[type, type[PrefixReward]] = {InfillingPotential: LikelihoodReward, TemperedPotential: TemperedReward}
-"""Potential class → reward; anything else is a :class:`PotentialReward`."""
+REWARDS: dict[type, type[PrefixReward]] = {
+    JudgedObservationPotential: JudgedLikelihoodReward,
+    InfillingPotential: LikelihoodReward,
+    TemperedPotential: TemperedReward,
+}
+"""Potential class → reward, the first that ``isinstance`` matches (subclasses first); anything else is a
+:class:`PotentialReward`."""
 
 
 def reward_for(target: Target, stop_ids: Sequence[int], floor: float = LOG_REWARD_FLOOR) -> PrefixReward:

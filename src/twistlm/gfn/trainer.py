@@ -64,7 +64,9 @@ class GFNProblem:
     trajectories by prompt index, the reward-temperature ramp (start, end, steps), facts for the policy's JSON,
     ``condition``: what the policy reads (a name in :data:`twistlm.conditioning.CONDITIONS`), and
     ``config``: the task's recipe — :class:`~twistlm.gfn.config.GFNConfig` values that replace the config's defaults
-    where the user gave none (``train-gfn`` applies them; explicit flags win)."""
+    where the user gave none (``train-gfn`` applies them; explicit flags win), and ``buffer_seeds``: more
+    trajectories by prompt index that only enter the replay buffer at the start (plausible, unlabelled; the given
+    ones enter it too)."""
 
     target: Target
     space: ActionSpace
@@ -73,6 +75,7 @@ class GFNProblem:
     info: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     condition: str = "prompt"
+    buffer_seeds: dict[int, list[GivenTrajectory]] = field(default_factory=dict)
 
 
 def reward_temperature(config: GFNConfig, problem: GFNProblem, step: int) -> float:
@@ -217,24 +220,27 @@ class GFNTrainer(TrainLoop):
     # -- one update --------------------------------------------------------------------------------------------------
 
     def _seed_buffer(self) -> None:
-        """Labelled trajectories enter the buffer once, at the start of a fresh run, with their rewards."""
+        """Labelled trajectories and the problem's buffer seeds enter the buffer once, at the start of a fresh run,
+        with their rewards."""
         self._seeded = True
-        if not self.problem.given or not self.objective.uses_rewards:
+        if not self.objective.uses_rewards:
             return
-        keys = sorted(self.problem.given)
+        pairs = [(key, g) for key, g in sorted(self.problem.given.items())]
+        pairs += [(key, g) for key, seeds in sorted(self.problem.buffer_seeds.items()) for g in seeds]
         chunk = max(self.config.prompts_per_step, SEED_CHUNK)
-        for k in range(0, len(keys), chunk):
-            part = keys[k : k + chunk]
-            sub = self.problem.target.select(part)
+        for k in range(0, len(pairs), chunk):
+            part = pairs[k : k + chunk]
+            keys = sorted({key for key, _ in part})
+            sub = self.problem.target.select(keys)
             trajs = Trajectories([], [], [], [], [], [])
-            for b, key in enumerate(part):
-                g = self.problem.given[key]
-                trajs = trajs.concat(Trajectories([g.tokens], [g.forced], [b], [g.stop_token >= 0], [g.stop_token]))
+            for key, g in part:
+                trajs = trajs.concat(Trajectories([g.tokens], [g.forced], [keys.index(key)], [g.stop_token >= 0],
+                                                  [g.stop_token]))
             states, terminable, last = state_index(trajs, self.space.min_len, self.space.stop_after_tool)
             with self.policy.base() as base_lm:
                 log_r = reward_for(sub, self.space.stop_ids, self.config.reward_floor)(base_lm, trajs, states, terminable)
             final = log_r.gather(1, last[:, None]).squeeze(1)
-            self.buffer.add_batch(part, trajs, final)
+            self.buffer.add_batch(keys, trajs, final)
 
     def training_step(self) -> tuple[float, dict]:
         if not self._seeded:

@@ -8,6 +8,7 @@ from twistlm.potentials.classifiers import (
     ToxicityPotential,
 )
 from twistlm.potentials.combinators import Indicator, Scaled, Sum, Threshold
+from twistlm.potentials.judged import JudgedObservationPotential
 from twistlm.potentials.likelihood import (
     ContinuationScorer,
     InfillingPotential,
@@ -33,6 +34,7 @@ __all__ = [
     "HFClassifierPotential",
     "Indicator",
     "InfillingPotential",
+    "JudgedObservationPotential",
     "LengthPotential",
     "Potential",
     "RegexPotential",

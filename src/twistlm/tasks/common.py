@@ -231,7 +231,8 @@ def _vocabulary_texts(lm: ParticleLM) -> list[str]:
     return [lm.decode([i]) for i in range(lm.vocab_size)]
 
 
-def _token_set(lm: ParticleLM, key: str, keep: Callable[[str], bool]) -> tuple[int, ...]:
+def token_set(lm: ParticleLM, key: str, keep: Callable[[str], bool]) -> tuple[int, ...]:
+    """Vocabulary ids (EOS excluded) whose decoded text passes ``keep``; computed once per tokenizer and ``key``."""
     tokenizer = getattr(lm, "tokenizer", None)
     owner = lm if tokenizer is None else tokenizer
     cache = _cache_for(owner)
@@ -254,9 +255,9 @@ def sentence_end_token_ids(lm: ParticleLM) -> tuple[int, ...]:
     Caveat: a lone ``"."`` token also ends abbreviations and decimals ("Mr.", "3.5"): the sentence-level tasks accept
     that (a particle then stops early), as a sentence splitter without look-ahead must.
     """
-    return _token_set(lm, "sentence_end", ends_sentence)
+    return token_set(lm, "sentence_end", ends_sentence)
 
 
 def newline_token_ids(lm: ParticleLM) -> tuple[int, ...]:
     """Vocabulary ids whose decoded text contains a line break; computed once per tokenizer."""
-    return _token_set(lm, "newline", lambda text: "\n" in text)
+    return token_set(lm, "newline", lambda text: "\n" in text)

@@ -1,20 +1,24 @@
 """``subjectivity``: a latent rationale z between a movie-review sentence x and its observed label y.
 
-Prompt (per example)::
+Two forms (option ``form``, registry :data:`FORMS`):
 
-    Is the following movie review sentence objective or subjective?
-    Review: "<text>"
-    Explanation:
+* ``sentence`` (default) — prompt ``Is the following movie review sentence objective or subjective?\nReview:
+  "<text>"\nExplanation:``, z a one-sentence explanation (the particle finishes at the end of the sentence —
+  ``stop_token_ids`` = sentence-ending tokens — or at T, default 24), then y = ``"\nJudgment: This review is
+  <objective|subjective>."``;
+* ``short`` — the GFlowNet paper's SUBJ format (REFERENCES (B)): ``Classify this movie review as objective or
+  subjective: "<text>" This review is``, z a few words (T = 5) ending at a comma (or a sentence end), then
+  y = ``" so it is <label>."`` — e.g. "… This review is a plot summary, so it is objective."
 
-The model writes a one-sentence explanation z (the latent; the particle finishes at the end of the sentence —
-``stop_token_ids`` = sentence-ending tokens — or at T, default 24). The label is then observed as the text
-y = ``"\\nJudgment: This review is <objective|subjective>."`` and the potential is the likelihood of that observation,
-φ(z) = p0(y | x, z) (:class:`~twistlm.potentials.InfillingPotential` with ``extras["observation"]`` one per example).
-So σ(z) ∝ p0(z | x) p0(y | x, z) is the posterior over rationales that explain the true label (the GFlowNet paper's
-latent-reasoning setting for SUBJ).
+The potential is the likelihood of the observation, φ(z) = p0(y | x, z) (:class:`~twistlm.potentials.InfillingPotential`
+with ``extras["observation"]`` one per example), so σ(z) ∝ p0(z | x) p0(y | x, z) is the posterior over rationales
+that explain the true label (the GFlowNet paper's latent-reasoning setting for SUBJ). ``penalty=λ`` > 0 also divides
+by e^λ the mass of every rationale after which the model prefers the other label
+(:class:`~twistlm.potentials.JudgedObservationPotential`; the paper's E-step reward has λ = 50).
 
 Data: ``data=PATH`` a SUBJ JSONL (``twistlm.data.load_subj``: ``{"text", "label": 0|1}``), from ``index``; without a
-file, built-in example sentences (hand-written). Extras: ``observation`` (y text), ``label`` (0/1).
+file, built-in example sentences (hand-written). Extras: ``observation`` (y text), ``alternatives`` (the other
+label's y), ``label`` (0/1).
 
 Goal (:func:`success`): the rationale makes the model judge correctly, p0(y_true | x, z) > p0(y_other | x, z) where
 y_other is the observation with the other label — the classification accuracy of "reason, then judge".
@@ -26,18 +30,61 @@ never unparsed); the gold answer is the example's label name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twistlm.data import SUBJ_LABEL_NAMES, load_subj
 from twistlm.lm import ParticleLM
-from twistlm.potentials import InfillingPotential
+from twistlm.potentials import InfillingPotential, JudgedObservationPotential
+from twistlm.potentials.judged import ALTERNATIVES_KEY
 from twistlm.potentials.likelihood import OBSERVATION_KEY, ContinuationScorer
 from twistlm.target import Target
-from twistlm.tasks.common import Option, define_task, select_examples, sentence_end_token_ids, text_ids
+from twistlm.tasks.common import (
+    Option,
+    define_task,
+    ends_sentence,
+    select_examples,
+    sentence_end_token_ids,
+    text_ids,
+    token_set,
+)
 from twistlm.tasks.registry import Answers
 
-DEFAULT_MAX_NEW_TOKENS = 24
 LABEL_KEY = "label"
+FORM_KEY = "form"
+
+
+@dataclass(frozen=True)
+class RationaleForm:
+    """How an example is written around its rationale z: ``prompt`` (with ``{text}``), z, then ``observation``
+    (with ``{label}``). ``stop``: the text that ends a rationale — the one stop action of a GFlowNet policy, which
+    must be a single token; ``max_tokens``: the default horizon T."""
+
+    name: str
+    prompt: str
+    observation: str
+    stop: str
+    max_tokens: int
+
+    def stop_token_ids(self, lm: ParticleLM) -> tuple[int, ...]:
+        """Tokens that finish a rationale in the target: sentence ends, and for a comma form the clause ends too."""
+        if self.stop == ".":
+            return sentence_end_token_ids(lm)
+        return token_set(lm, f"ends:{self.stop}", lambda t: ends_sentence(t) or t.rstrip().endswith(self.stop))
+
+
+FORMS = {
+    "sentence": RationaleForm(
+        "sentence", 'Is the following movie review sentence objective or subjective?\nReview: "{text}"\nExplanation:',
+        "\nJudgment: This review is {label}.", ".", 24),
+    "short": RationaleForm(
+        "short", 'Classify this movie review as objective or subjective: "{text}" This review is',
+        " so it is {label}.", ",", 5),
+}
+"""Registry of forms (module docstring). ``short`` is REFERENCES (B)'s, whose rationales have 1 to 5 tokens."""
+DEFAULT_FORM = "sentence"
+DEFAULT_MAX_NEW_TOKENS = FORMS[DEFAULT_FORM].max_tokens
 INSTRUCTION = "Is the following movie review sentence objective or subjective?"
-OBSERVATION_TEMPLATE = "\nJudgment: This review is {label}."
+OBSERVATION_TEMPLATE = FORMS[DEFAULT_FORM].observation
 
 BUILTIN_EXAMPLES = (
     ("a gorgeous , witty , seductive movie that never lets up .", 1),
@@ -50,61 +97,72 @@ BUILTIN_EXAMPLES = (
 OPTIONS = {
     "data": Option(None, "SUBJ JSONL with {text, label} (e.g. subj/train.50.jsonl)", str, optional=True),
     "index": Option(0, "first example", int, minimum=0),
+    "form": Option(DEFAULT_FORM, "how the rationale is written", str, choices=tuple(FORMS)),
+    "penalty": Option(0.0, "nats taken from a rationale after which the model prefers the other label", float,
+                      minimum=0.0),
 }
 
 
-def prompt_for(text: str) -> str:
+def prompt_for(text: str, form: str = DEFAULT_FORM) -> str:
     """The prompt x for a review sentence."""
-    return f'{INSTRUCTION}\nReview: "{text}"\nExplanation:'
+    return FORMS[form].prompt.format(text=text)
 
 
-def observation_for(label: int) -> str:
+def observation_for(label: int, form: str = DEFAULT_FORM) -> str:
     """The observed label text y for label 0 (objective) / 1 (subjective)."""
-    return OBSERVATION_TEMPLATE.format(label=SUBJ_LABEL_NAMES[label])
+    return FORMS[form].observation.format(label=SUBJ_LABEL_NAMES[label])
 
 
 DEMO_SEPARATOR = "\n\n"
 
 
 class SubjFormat:
-    """The task's prompt and observation as a :class:`~twistlm.classify.LabelFormat`: classifying by
+    """A form's prompt and observation as a :class:`~twistlm.classify.LabelFormat`: classifying by
     p0(y_l | x, z) normalised over the two labels is the task's own judgment (:func:`read_answers`)."""
 
     label_names = SUBJ_LABEL_NAMES
-    max_rationale_tokens = DEFAULT_MAX_NEW_TOKENS
+
+    def __init__(self, form: str = DEFAULT_FORM):
+        self.form = form
+        self.max_rationale_tokens = FORMS[form].max_tokens
 
     def rationale_stop_ids(self, lm: ParticleLM) -> tuple[int, ...]:
-        return sentence_end_token_ids(lm)
+        return FORMS[self.form].stop_token_ids(lm)
 
     def prompt(self, text: str) -> str:
-        return prompt_for(text)
+        return prompt_for(text, self.form)
 
     def verbalizer(self, label: int) -> str:
-        return observation_for(label)
+        return observation_for(label, self.form)
 
     def demo(self, text: str, label: int) -> str:
-        return prompt_for(text) + observation_for(label) + DEMO_SEPARATOR
+        return prompt_for(text, self.form) + observation_for(label, self.form) + DEMO_SEPARATOR
 
 
 LABEL_FORMAT = SubjFormat()
+LABEL_FORMATS = {name: SubjFormat(name) for name in FORMS}
 
 
-def build(lm: ParticleLM, T: int, B: int, *, data: str | None, index: int) -> Target:
+def build(lm: ParticleLM, T: int | None, B: int, *, data: str | None, index: int, form: str, penalty: float) -> Target:
     if data is not None:
         rows = [
             (e.text, e.label) for e in select_examples("subjectivity", load_subj(data, limit=index + B), index, B, data)
         ]
     else:
         rows = select_examples("subjectivity", BUILTIN_EXAMPLES, index, B, "the built-in example list")
+    spec = FORMS[form]
+    labels = range(len(SUBJ_LABEL_NAMES))
     return Target(
         lm,
-        prompts=[prompt_for(text) for text, _ in rows],
-        potential=InfillingPotential(lm),
-        max_new_tokens=T,
-        stop_token_ids=sentence_end_token_ids(lm),
+        prompts=[prompt_for(text, form) for text, _ in rows],
+        potential=JudgedObservationPotential(lm, penalty) if penalty > 0 else InfillingPotential(lm),
+        max_new_tokens=spec.max_tokens if T is None else T,
+        stop_token_ids=spec.stop_token_ids(lm),
         extras={
-            OBSERVATION_KEY: [observation_for(label) for _, label in rows],
+            OBSERVATION_KEY: [observation_for(label, form) for _, label in rows],
+            ALTERNATIVES_KEY: [[observation_for(other, form) for other in labels if other != label] for _, label in rows],
             LABEL_KEY: [label for _, label in rows],
+            FORM_KEY: [form for _ in rows],
         },
     )
 
@@ -115,7 +173,8 @@ def label_log_likelihoods(target: Target, texts: list[str], prompt_index: list[i
 
     lm = target.lm
     scorer = ContinuationScorer(lm, cache_size=max(1, target.num_prompts))
-    obs = [text_ids(lm, observation_for(label)) for label in range(len(SUBJ_LABEL_NAMES))]
+    form = (target.extras.get(FORM_KEY) or [DEFAULT_FORM])[0]
+    obs = [text_ids(lm, observation_for(label, form)) for label in range(len(SUBJ_LABEL_NAMES))]
     spans = [text_ids(lm, t) for t in texts]
     prompts = [target.prompt_ids[b] for b in prompt_index]
     out = torch.zeros(len(texts), len(obs), dtype=torch.float64)
@@ -158,7 +217,7 @@ TASK = define_task(
     "Latent rationale z between a SUBJ review and its label y: φ(z) = p0(y | x, z).",
     OPTIONS,
     build,
-    DEFAULT_MAX_NEW_TOKENS,
+    "24 (form=sentence) or 5 (form=short)",
     success,
     answer=ANSWERS,
 )
