@@ -1,7 +1,8 @@
 """``twistlm classify``: few-label classification of SUBJ sentences by the task's own judgment, p0(y | x, z).
 
 Flow: cheap checks (numbers, methods, files, output path) → the labelled examples (``--labelled``) and the scored
-rows (``--data`` from ``--index``, ``--limit`` of them, skipping any sentence that is also labelled) → load the model
+rows (``--data`` from ``--index``, ``--limit`` of them, skipping any sentence that is also labelled), written in the
+task's ``--form`` (:data:`twistlm.tasks.subjectivity.FORMS`; a policy must have been trained in it) → load the model
 → fit each method (:data:`twistlm.classify.METHODS`; ``lora-sft`` and ``latent-em`` each on its own copy of the
 model; ``--policy``: latent-em draws its rationales from a GFlowNet policy, on a third copy) → accuracy with 95%
 Wilson intervals → optionally ``--json OUT`` (atomic) with every prediction.

@@ -189,9 +189,10 @@ the stop forced after 12 actions (the reference's rationales have 5). With the a
 actions the policy drifted to long, p0-unlikely text within 40 updates (mean log R −63 → −99; EXPERIMENTS.md, ninth
 session)."""
 SHORT_SUBJECTIVITY_RECIPE = {"objective": "subtb", "replay_prob": 0.5, "tempered_prob": 0.0, "learning_rate": 5e-4,
-                             "max_len": 5}
+                             "max_len": 5, "buffer_capacity": 100, "dedup_distance": 0.1}
 """GFNConfig values for the short form (the reference's own SUBJ E-step, REFERENCES (B)): SubTB, half on-policy /
-half replay, lr 5e-4, 1 to 5 actions before the stop ","; the reward's wrong-label penalty λ = 50
+half replay (a buffer of 100 per sentence, duplicates within 0.1 edit distance, seeded by
+:func:`wishful_rationales`), lr 5e-4, 1 to 5 actions before the stop ","; the reward's wrong-label penalty λ = 50
 (:data:`SHORT_SUBJECTIVITY_PENALTY`)."""
 SHORT_SUBJECTIVITY_PENALTY = 50.0
 """The reference's E-step reward subtracts 50 nats when p0, after the rationale, prefers the wrong label."""

@@ -83,8 +83,6 @@ FORMS = {
 """Registry of forms (module docstring). ``short`` is REFERENCES (B)'s, whose rationales have 1 to 5 tokens."""
 DEFAULT_FORM = "sentence"
 DEFAULT_MAX_NEW_TOKENS = FORMS[DEFAULT_FORM].max_tokens
-INSTRUCTION = "Is the following movie review sentence objective or subjective?"
-OBSERVATION_TEMPLATE = FORMS[DEFAULT_FORM].observation
 
 BUILTIN_EXAMPLES = (
     ("a gorgeous , witty , seductive movie that never lets up .", 1),
@@ -139,8 +137,8 @@ class SubjFormat:
         return prompt_for(text, self.form) + observation_for(label, self.form) + DEMO_SEPARATOR
 
 
-LABEL_FORMAT = SubjFormat()
 LABEL_FORMATS = {name: SubjFormat(name) for name in FORMS}
+LABEL_FORMAT = LABEL_FORMATS[DEFAULT_FORM]
 
 
 def build(lm: ParticleLM, T: int | None, B: int, *, data: str | None, index: int, form: str, penalty: float) -> Target:
