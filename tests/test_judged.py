@@ -137,3 +137,20 @@ def test_buffer_seeds_enter_the_replay_buffer_with_their_rewards(tmp_path, one_t
             with torch.no_grad():
                 batch, log_r = trainer.score(one, target.select([key]))
             assert stored[tuple(g.tokens)] == pytest.approx(float(log_r.gather(1, batch.last[:, None])), abs=1e-9)
+
+
+def test_classify_refuses_a_policy_trained_in_another_form(tmp_path, shared_data, capsys):
+    """Checked from the policy's JSON before any model is loaded: a short-form policy cannot sample sentence-form
+    rationales."""
+    import json
+
+    from twistlm.gfn.policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, POLICY_INFO_NAME
+
+    (tmp_path / POLICY_INFO_NAME).write_text(json.dumps({"task": "subjectivity", "task_options": {"form": "short"}}))
+    (tmp_path / ADAPTER_CONFIG).write_text("{}")
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"")
+    labelled = str(shared_data / "subj/train.10.jsonl")
+    code = run_app(["classify", "--labelled", labelled, "--data", labelled, "--methods", "latent-em",
+                    "--policy", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == USAGE_ERROR and "form='short'" in err and "--form sets" in err and "Traceback" not in err

@@ -78,7 +78,7 @@ def classify_command(
     if policy is not None:
         if "latent-em" not in names:
             raise ConfigError("--policy is latent-em's rationale sampler: add latent-em to --methods")
-        check_policies([policy], "subjectivity", {"form": form}, model)
+        check_policies([policy], "subjectivity", {"form": form}, model, {"form": "--form"})
     if json_out is not None:
         check_writable(json_out)
     train = [Labelled(e.text, e.label) for e in load_subj(labelled)]

@@ -117,18 +117,20 @@ was trained on. Any other task option the policy recorded defines the target it 
 
 
 def check_policies(
-    paths: list[Path], task: str | None, options: dict[str, Any], model: str | None
+    paths: list[Path], task: str | None, options: dict[str, Any], model: str | None,
+    flags: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], int | None]:
     """Cheap checks of GFlowNet policy folders (no model, no weights): their files (a missing one is named), a Hugging
     Face ``model`` (not the toy), that they were trained for ``task`` and with task options that ``options`` (and each
     other) do not contradict. Returns the task options with the policies' own filled in, and the horizon T the
-    policies record (None if none). Without a task the policies' task options are not used."""
+    policies record (None if none). Without a task the policies' task options are not used. ``flags``: the
+    command-line flag that set an option, for the error (default ``-o KEY``)."""
     from twistlm.gfn.policy import read_policy_info
 
     if paths and model == TOY_MODEL:
         raise ConfigError("--policy needs a Hugging Face model: a GFlowNet policy is a LoRA adapter (train-gfn on the "
                           "toy model saves a tabular policy, which the CLI cannot load)")
-    merged, source = dict(options), {key: f"-o {key}" for key in options}
+    merged, source = dict(options), {key: (flags or {}).get(key, f"-o {key}") for key in options}
     horizons: dict[int, Path] = {}
     for path in paths:
         info = read_policy_info(path.expanduser())
