@@ -195,8 +195,8 @@ half replay (a buffer of 100 per sentence, duplicates within 0.1 edit distance, 
 :func:`wishful_rationales`), lr 5e-4, 1 to 5 actions before the stop ","; the reward's wrong-label penalty λ = 50
 (:data:`SHORT_SUBJECTIVITY_PENALTY`). 200 updates × 16 rationales: 30 min here beside two or three other runs
 (the reference: 1,000 × 512). Measured in EXPERIMENTS.md (round 5 of the GFlowNet policies): alone, the policy's
-rationale makes p0 judge correctly 62% of the time (p0's own: 54%); as EM's rationale sampler, 0.813 at 50 labels
-against LoRA SFT's 0.849–0.863."""
+rationale makes p0 judge correctly 62% of the time (p0's own: 52%); as EM's rationale sampler, 0.813 and 0.829 at
+50 labels (two seeds) against LoRA SFT's 0.849–0.863."""
 SHORT_SUBJECTIVITY_PENALTY = 50.0
 """The reference's E-step reward subtracts 50 nats when p0, after the rationale, prefers the wrong label."""
 WISHFUL_RATIONALES = 20
@@ -204,6 +204,8 @@ WISHFUL_RATIONALES = 20
 ``prompt + " <label> because it is"``, cut at the first token that is not a word."""
 WISHFUL_SEED = 20_000
 """Seed of the buffer-seed draws (fixed: the problem, hence a run, is a function of its options)."""
+SEED_CHUNK_PROMPTS = 8
+"""Prompts whose buffer seeds are drawn side by side."""
 
 
 @register_problem("subjectivity")
@@ -260,10 +262,6 @@ def wishful_rationales(target: Target, space: ActionSpace, max_len: int, per_exa
             if toks and bool(space.allowed[toks].all()):
                 out.setdefault(c + trajs.prompt_index[i], []).append(GivenTrajectory(list(toks), [False] * len(toks), stop))
     return out
-
-
-SEED_CHUNK_PROMPTS = 8
-"""Prompts whose buffer seeds are drawn side by side."""
 
 
 def sentence_space(target: Target, stop: str = ".") -> ActionSpace:
