@@ -134,8 +134,9 @@ class LikelihoodReward(PrefixReward):
                 f"a likelihood reward needs exactly one stop token (the text before the observation), got {len(stop_ids)}"
             )
         self.feed_stop = list(kept)  # an EOS stop is not part of the text: the observation follows z directly
-        seqs = target.sequences([[] for _ in target.prompt_ids], list(range(target.num_prompts)))
-        self.observations = [list(o) for o in potential.observations(seqs)]
+        # one empty sequence per prompt: what the potential reads its per-prompt observations from
+        self.empty = target.sequences([[] for _ in target.prompt_ids], list(range(target.num_prompts)))
+        self.observations = [list(o) for o in potential.observations(self.empty)]
 
     def observation_term(self, lm, ppass, trajs, states, observations) -> torch.Tensor:
         """log p0(⊤ o_i | x, z_1:m) at every state for the observation o_i of each trajectory — except at the final
@@ -165,8 +166,7 @@ class JudgedLikelihoodReward(LikelihoodReward):
 
     def __init__(self, target: Target, stop_ids: Sequence[int], floor: float = LOG_REWARD_FLOOR):
         super().__init__(target, stop_ids, floor)
-        seqs = target.sequences([[] for _ in target.prompt_ids], list(range(target.num_prompts)))
-        self.alternatives = [[list(o) for o in alts] for alts in target.potential.alternatives(seqs)]
+        self.alternatives = [[list(o) for o in alts] for alts in target.potential.alternatives(self.empty)]
 
     def compute(self, lm, ppass, trajs, states, cum):
         potential, rows = self.target.potential, trajs.prompt_index

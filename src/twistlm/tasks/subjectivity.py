@@ -82,7 +82,6 @@ FORMS = {
 }
 """Registry of forms (module docstring). ``short`` is REFERENCES (B)'s, whose rationales have 1 to 5 tokens."""
 DEFAULT_FORM = "sentence"
-DEFAULT_MAX_NEW_TOKENS = FORMS[DEFAULT_FORM].max_tokens
 
 BUILTIN_EXAMPLES = (
     ("a gorgeous , witty , seductive movie that never lets up .", 1),
@@ -215,7 +214,7 @@ TASK = define_task(
     "Latent rationale z between a SUBJ review and its label y: φ(z) = p0(y | x, z).",
     OPTIONS,
     build,
-    "24 (form=sentence) or 5 (form=short)",
+    " or ".join(f"{f.max_tokens} (form={name})" for name, f in FORMS.items()),
     success,
     answer=ANSWERS,
 )
